@@ -1,0 +1,3 @@
+from lm_opt.cli import main
+
+main()

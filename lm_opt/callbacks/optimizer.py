@@ -1,0 +1,146 @@
+"""Optimizer choice and per-group routing, as a callback.
+
+Routes are ordered; each selects parameters by role (`embedding`, `matrix`, `norm`,
+`last_layer`) and optionally a name pattern, and names an optimizer by `class_path` and
+`init_args`. The first matching route takes a parameter. The routes' optimizers are built
+when Lightning calls `configure_optimizers`, after DDP/FSDP have wrapped the model, and are
+joined into one `CompositeOptimizer` when there are several.
+"""
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.utilities import rank_zero_info
+
+from lm_opt.model import GPT, ROLES
+from lm_opt.optim.composite import CompositeOptimizer
+
+log = logging.getLogger("lm_opt")
+
+# Prefixes that wrappers (torch.compile, FSDP, activation checkpointing) add to parameter names.
+_WRAPPER_PREFIXES = re.compile(r"(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+
+
+@dataclass
+class Route:
+    """Parameters selected by role and name pattern, and the optimizer that updates them."""
+
+    optimizer: dict[str, Any]
+    """`{class_path: ..., init_args: {...}}` of a torch.optim.Optimizer (lr, betas, ...)."""
+    roles: list[str] | None = None
+    """Roles this route takes (`embedding`, `matrix`, `norm`, `last_layer`); None takes any."""
+    pattern: str | None = None
+    """Regular expression a parameter name must contain (re.search), e.g. `blocks\\.0\\.`."""
+    name: str | None = None
+    """Label in the routing table and the logs; defaults to the roles."""
+
+    def __post_init__(self):
+        unknown = set(self.roles or []) - set(ROLES)
+        if unknown:
+            raise ValueError(f"route roles {sorted(unknown)} are unknown; expected some of {list(ROLES)}")
+        if "class_path" not in self.optimizer:
+            raise ValueError(f"route optimizer {self.optimizer} needs a class_path")
+        self.name = self.name or "+".join(self.roles or ["all"])
+
+    def matches(self, name: str, role: str) -> bool:
+        return (self.roles is None or role in self.roles) and (
+            self.pattern is None or re.search(self.pattern, name) is not None
+        )
+
+
+def clean_name(name: str) -> str:
+    return _WRAPPER_PREFIXES.sub("", name)
+
+
+def route_parameters(model: GPT, routes: list[Route]) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """The (name, parameter) pairs each route takes, first match wins.
+
+    Raises:
+        ValueError: naming the parameters no route covers, or the routes that match nothing.
+    """
+    roles = model.param_roles()
+    taken: list[list[tuple[str, torch.nn.Parameter]]] = [[] for _ in routes]
+    uncovered = []
+    for raw_name, p in model.named_parameters():
+        name = clean_name(raw_name)
+        index = next((i for i, r in enumerate(routes) if r.matches(name, roles[name])), None)
+        if index is None:
+            uncovered.append(f"{name} ({roles[name]})")
+        else:
+            taken[index].append((name, p))
+    if uncovered:
+        raise ValueError(f"no route covers these parameters: {', '.join(uncovered)}")
+    unused = [r.name for r, params in zip(routes, taken) if not params]
+    if unused:
+        raise ValueError(f"routes {unused} match no parameter (earlier routes took them, or the roles/pattern are wrong)")
+    return taken
+
+
+def param_groups(model: GPT, named: list[tuple[str, torch.nn.Parameter]], route: Route, optimizer_cls: type) -> list[dict]:
+    """One param group per role (and per block layout, for optimizers that have one)."""
+    roles = model.param_roles()
+    groups: dict[tuple, dict] = {}
+    for name, p in named:
+        role = roles[name]
+        key: tuple = (role,)
+        extra = {}
+        if hasattr(optimizer_cls, "block_layout"):
+            blocks = optimizer_cls.block_layout(role, n_head=model.config.n_head, fused=model.fused_projections(name))
+            key, extra = (role, blocks), {"blocks": blocks}
+        group = groups.setdefault(key, {"params": [], "param_names": [], "role": role, "route": route.name, **extra})
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def _class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"optimizer class_path {class_path!r} cannot be imported: {err}") from err
+
+
+class OptimizerCallback(L.Callback):
+    """Owns the optimizer: one for every parameter (`optimizer`), or ordered `routes`."""
+
+    def __init__(self, optimizer: dict[str, Any] | None = None, routes: list[Route] | None = None):
+        """
+        Args:
+            optimizer: `{class_path, init_args}` of one optimizer for all parameters.
+            routes: Ordered routes; the first whose roles and pattern match takes a parameter.
+        """
+        if (optimizer is None) == (routes is None):
+            raise ValueError("OptimizerCallback takes exactly one of `optimizer` and `routes`")
+        self.routes = [Route(optimizer=optimizer)] if optimizer is not None else [
+            r if isinstance(r, Route) else Route(**r) for r in routes
+        ]
+        self.classes = [_class(r.optimizer["class_path"]) for r in self.routes]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        route_parameters(pl_module.model, self.routes)  # fail on a bad routing before any compute
+        pl_module.optimizer_factory = self.build
+
+    def build(self, model: GPT) -> torch.optim.Optimizer:
+        optimizers = []
+        for route, cls, named in zip(self.routes, self.classes, route_parameters(model, self.routes)):
+            groups = param_groups(model, named, route, cls)
+            optimizers.append(instantiate_class(groups, route.optimizer))
+        rank_zero_info(routing_table(self.routes, optimizers))
+        return optimizers[0] if len(optimizers) == 1 else CompositeOptimizer(optimizers)
+
+
+def routing_table(routes: list[Route], optimizers: list[torch.optim.Optimizer]) -> str:
+    rows = [("route", "optimizer", "lr", "tensors", "parameters")]
+    for route, opt in zip(routes, optimizers):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        rows.append((route.name, type(opt).__name__, f"{opt.param_groups[0]['lr']:g}", str(len(params)),
+                     f"{sum(p.numel() for p in params):,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    return "optimizer routing:\n" + "\n".join(lines)

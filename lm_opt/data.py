@@ -1,0 +1,269 @@
+"""Streaming C4 (or a local corpus in C4's format), tokenized and packed into fixed windows.
+
+Documents are tokenized in batches, joined with EOS and cut into windows of `seq_len + 1`
+tokens (inputs and shifted targets) with no padding: a document that crosses a window
+boundary continues in the next window, so no token is lost or repeated. Each DDP rank and
+DataLoader worker reads a disjoint part of the stream, and the position of every part is
+saved in the checkpoint, so a resumed run continues with the next unseen window.
+"""
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from datasets import IterableDataset as HFIterableDataset
+from datasets import load_dataset
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader, IterableDataset
+
+from lm_opt.corpus import build_corpus, default_cache_dir
+from lm_opt.tokenizer import load_tokenizer
+
+log = logging.getLogger("lm_opt")
+
+EMBEDDED = "embedded"
+STATE_KEY = "stream_state"
+
+
+class Packer:
+    """A token buffer that emits fixed windows; what is left over is its whole state."""
+
+    def __init__(self, carry: list[int] | None = None):
+        self.buffer = np.asarray(carry or [], dtype=np.int64)
+
+    def add(self, token_lists: list[list[int]], eos_id: int) -> None:
+        pieces = [self.buffer]
+        for tokens in token_lists:
+            pieces.append(np.asarray(tokens, dtype=np.int64))
+            pieces.append(np.asarray([eos_id], dtype=np.int64))
+        self.buffer = np.concatenate(pieces)
+
+    def pop(self, n_windows: int, window: int) -> np.ndarray | None:
+        """The next `n_windows` windows of `window` tokens as an (n_windows, window) array, or None."""
+        need = n_windows * window
+        if len(self.buffer) < need:
+            return None
+        out, self.buffer = self.buffer[:need].reshape(n_windows, window), self.buffer[need:]
+        return out
+
+    def carry(self) -> list[int]:
+        return self.buffer.tolist()
+
+
+def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+class PackedStream(IterableDataset):
+    """Batches of packed windows from one rank's share of a streamed document dataset.
+
+    Yields `{"input_ids": int32 (batch_size, seq_len + 1), "stream_state": ...}`. The DataLoader
+    workers split the rank's share again, each reading every `num_parts`-th part of the
+    stream (`split_dataset_by_node` over rank x worker), and tag each batch with the position
+    of their part after it, so the loader can save exactly what has been consumed.
+    """
+
+    def __init__(self, docs: HFIterableDataset, tokenizer, seq_len: int, batch_size: int, rank: int,
+                 world_size: int, tokenize_batch: int = 64):
+        self.docs, self.tokenizer = docs, tokenizer
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.tokenize_batch = tokenize_batch
+        self.part_states: dict[int, dict] = {}
+        self.first_part = 0
+
+    def part_stream(self, part: int, num_parts: int) -> Iterator[dict[str, Any]]:
+        """Endless batches from part `part` of `num_parts` of this rank's documents."""
+        docs = split_dataset_by_node(self.docs, rank=self.rank * num_parts + part,
+                                     world_size=self.world_size * num_parts)
+        state = self.part_states.get(part)
+        epoch = state["epoch"] if state else 0
+        packer = Packer(state["carry"] if state else None)
+        if state:
+            docs.load_state_dict(state["docs"])
+        eos = self.tokenizer.eos_token_id
+        while True:
+            docs.set_epoch(epoch)
+            empty = True
+            for batch in docs.iter(batch_size=self.tokenize_batch):
+                empty = False
+                packer.add(tokenize(self.tokenizer, batch["text"]), eos)
+                while (windows := packer.pop(self.batch_size, self.seq_len + 1)) is not None:
+                    part_state = {"docs": docs.state_dict(), "carry": packer.carry(), "epoch": epoch}
+                    yield {"input_ids": torch.from_numpy(windows.astype(np.int32)),
+                           STATE_KEY: {"part": part, "state": part_state}}
+            if empty:
+                raise RuntimeError(f"data part {part} of rank {self.rank} holds no documents")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # Worker i serves part (first_part + i): after a resume the DataLoader starts at worker
+        # 0 again, and the rotation makes the part that was next come first.
+        yield from self.part_stream((self.first_part + worker) % num_workers, num_workers)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a PackedStream whose `state_dict` is the stream position of what was
+    trained on. Lightning saves and restores it with the fit loop (the `_Stateful` protocol)."""
+
+    def __init__(self, stream: PackedStream, num_workers: int, pin_memory: bool = False):
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         prefetch_factor=4 if num_workers else None)
+        self.stream = stream
+
+    def commit(self, stream_state: dict) -> None:
+        """Record that the batch tagged with `stream_state` has been trained on."""
+        part = stream_state["part"]
+        self.stream.part_states[part] = stream_state["state"]
+        self.stream.first_part = (part + 1) % max(self.num_workers, 1)
+
+    def state_dict(self) -> dict:
+        local = {"part_states": self.stream.part_states, "first_part": self.stream.first_part,
+                 "num_workers": self.num_workers}
+        # Only rank 0 writes the checkpoint, but every rank has its own position.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, local)
+        else:
+            ranks = [local]
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        ranks = state_dict["ranks"]
+        if len(ranks) != self.stream.world_size:
+            raise RuntimeError(f"checkpoint data position is for {len(ranks)} ranks, this run has "
+                               f"{self.stream.world_size}: resume with the same number of devices")
+        local = ranks[self.stream.rank]
+        if local["num_workers"] != self.num_workers:
+            raise RuntimeError(f"checkpoint data position is for data.num_workers={local['num_workers']}, "
+                               f"this run has {self.num_workers}: resume with the same value")
+        self.stream.part_states = {int(k): v for k, v in local["part_states"].items()}
+        self.stream.first_part = local["first_part"]
+
+
+def validation_windows(docs: HFIterableDataset, tokenizer, seq_len: int, n_windows: int) -> torch.Tensor:
+    """The first `n_windows` packed windows of the validation stream: a fixed, deterministic set."""
+    packer = Packer()
+    for batch in docs.iter(batch_size=64):
+        packer.add(tokenize(tokenizer, batch["text"]), tokenizer.eos_token_id)
+        if len(packer.buffer) >= n_windows * (seq_len + 1):
+            break
+    windows = packer.pop(n_windows, seq_len + 1)
+    if windows is None:
+        raise ValueError(f"the validation split holds fewer than data.val_sequences={n_windows} windows "
+                         f"of {seq_len + 1} tokens; lower data.val_sequences")
+    return torch.from_numpy(windows.astype(np.int32))
+
+
+def local_data_files(path: str) -> dict[str, list[str]]:
+    """Train and validation shards of a local directory in C4's layout (`*train*.json.gz`, ...)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path={path!r} is neither 'embedded', a Hub dataset id, nor a directory")
+    files = {split: sorted(str(p) for p in root.glob(f"*{split}*.json*")) for split in ("train", "validation")}
+    for split, found in files.items():
+        if not found:
+            raise FileNotFoundError(f"data.path={path!r} holds no '*{split}*.json*' shards (C4 layout expected)")
+    return files
+
+
+class C4DataModule(L.LightningDataModule):
+    """C4 streamed from the Hub (`path: allenai/c4`), or a local corpus in C4's format
+    (`path: embedded` builds one offline; any directory of json.gz shards works), through the
+    same code: `load_dataset(..., streaming=True)`, batched fast tokenization, packing."""
+
+    def __init__(
+        self,
+        path: str = "allenai/c4",
+        name: str | None = "en",
+        tokenizer: str = "t5-base",
+        seq_len: int = 512,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        val_sequences: int = 512,
+        tokenize_batch: int = 64,
+        cache_dir: str | None = None,
+    ):
+        """
+        Args:
+            path: `allenai/c4` (or another Hub dataset id), `embedded`, or a directory of C4-style shards.
+            name: The Hub dataset's configuration (`en` for C4); ignored for local data.
+            tokenizer: `t5-base` (or any Hub id or local directory), or `embedded` (trained offline).
+            seq_len: Tokens per training sequence; each window holds seq_len + 1 tokens.
+            batch_size: Sequences per device and step (the global batch also counts devices and
+                gradient accumulation).
+            num_workers: DataLoader workers tokenizing and packing in parallel, per device.
+            val_sequences: Size of the fixed validation set, in sequences, shared by all ranks.
+            tokenize_batch: Documents tokenized per call of the fast tokenizer.
+            cache_dir: Where the embedded corpus and tokenizer are built (default `~/.cache/lm_opt`).
+        """
+        super().__init__()
+        for key in ("seq_len", "batch_size", "val_sequences", "tokenize_batch"):
+            if locals()[key] < 1:
+                raise ValueError(f"data.{key} must be a positive integer, got {locals()[key]}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.tokenizer = None
+        self.train_loader: ResumableLoader | None = None
+
+    def load_documents(self) -> dict[str, HFIterableDataset]:
+        """The train and validation document streams, local or from the Hub, before tokenization."""
+        path = self.hparams.path
+        if path == EMBEDDED or Path(path).is_dir():
+            files = build_corpus(self.cache_dir / "corpus") if path == EMBEDDED else local_data_files(path)
+            return load_dataset("json", data_files=files, streaming=True)
+        try:
+            return load_dataset(path, self.hparams.name, streaming=True)
+        except Exception as err:  # the Hub raises several types when offline or unreachable
+            raise RuntimeError(
+                f"cannot stream data.path={path!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+                "Offline, use `data.path: embedded` (a local corpus built from installed documentation) "
+                "or a directory of C4-style json.gz shards."
+            ) from err
+
+    def prepare_data(self) -> None:
+        # Rank 0 builds the embedded corpus and tokenizer once; the other ranks reuse the cache.
+        if self.hparams.path == EMBEDDED or self.hparams.tokenizer == EMBEDDED:
+            self._load_tokenizer()
+
+    def _load_tokenizer(self):
+        corpus = build_corpus(self.cache_dir / "corpus")["train"] if self.hparams.tokenizer == EMBEDDED else None
+        return load_tokenizer(self.hparams.tokenizer, corpus_files=corpus, cache_dir=self.cache_dir)
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is not None:
+            return
+        self.tokenizer = self._load_tokenizer()
+        self.docs = self.load_documents()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        log.info("data: %s, tokenizer: %s (%d tokens, eos=%d)", self.hparams.path,
+                 self.hparams.tokenizer, len(self.tokenizer), self.tokenizer.eos_token_id)
+        windows = validation_windows(self.docs["validation"], self.tokenizer, self.hparams.seq_len,
+                                     self.hparams.val_sequences)
+        self.val_windows = windows[rank::world]
+        self.stream = PackedStream(self.docs["train"], self.tokenizer, self.hparams.seq_len,
+                                   self.hparams.batch_size, rank, world, self.hparams.tokenize_batch)
+
+    def train_dataloader(self) -> ResumableLoader:
+        self.train_loader = ResumableLoader(self.stream, self.hparams.num_workers,
+                                            pin_memory=torch.cuda.is_available())
+        return self.train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([{"input_ids": w} for w in self.val_windows], batch_size=self.hparams.batch_size)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called for the batch about to be trained on, after Lightning's one-batch prefetch:
+        # committing here saves the position of what was trained on, not of what was fetched.
+        state = batch.pop(STATE_KEY, None)
+        if state is not None and self.train_loader is not None:
+            self.train_loader.commit(state)
+        return batch

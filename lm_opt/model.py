@@ -1,0 +1,223 @@
+"""Decoder-only transformer of the study: pre-LayerNorm, RoPE, GELU MLP, no biases in linear
+layers, LayerNorm with gain and bias, optional QK-LayerNorm, untied output layer, z-loss."""
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Role = Literal["embedding", "matrix", "norm", "last_layer"]
+ROLES: tuple[Role, ...] = ("embedding", "matrix", "norm", "last_layer")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the decoder-only LM. Presets: `ModelConfig.from_name("150m")`."""
+
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_embd: int = 1024
+    """Model width d_model."""
+    n_head: int = 16
+    """Attention heads; n_embd must be divisible by it."""
+    mlp_ratio: int = 4
+    """MLP hidden width as a multiple of n_embd."""
+    vocab_size: int = 32100
+    """Tokenizer vocabulary; the embedding is padded up to a multiple of `padded_vocab_multiple`."""
+    padded_vocab_multiple: int = 128
+    """Round the embedding rows up to a multiple of this (T5's 32100 -> 32128), for fast matmuls."""
+    block_size: int = 512
+    """Longest context the model accepts (RoPE tables are built for it)."""
+    qk_norm: bool = True
+    """LayerNorm on queries and keys (QK-LayerNorm), as in the study."""
+    z_loss: float = 1e-4
+    """Coefficient of the z-loss `z_loss * logsumexp(logits)**2`; 0 turns it off."""
+    rope_base: float = 10000.0
+    """RoPE frequency base."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of embeddings and matrices."""
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_embd", "n_head", "mlp_ratio", "vocab_size", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        if self.z_loss < 0:
+            raise ValueError(f"model.z_loss must be >= 0, got {self.z_loss}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.padded_vocab_multiple
+        return math.ceil(self.vocab_size / m) * m
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset (`tiny`, `150m`, `300m`, `600m`, `1.2b`), optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; expected some of {sorted(known)}")
+        return replace(PRESETS[name], **overrides)
+
+
+# Sizes of the study (REFERENCE.md); `tiny` trains in minutes on 2 CPU cores.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(n_layer=2, n_embd=128, n_head=4, block_size=128),
+    "150m": ModelConfig(n_layer=12, n_embd=1024, n_head=16),
+    "300m": ModelConfig(n_layer=24, n_embd=1024, n_head=16),
+    "600m": ModelConfig(n_layer=24, n_embd=1408, n_head=22),
+    "1.2b": ModelConfig(n_layer=24, n_embd=2048, n_head=32),
+}
+
+
+def rope_tables(block_size: int, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of rotary position embeddings, shape (block_size, head_size // 2)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x (B, n_head, T, h) by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        # Q, K and V fused along dim 0: Adalayer treats the three as separate blocks.
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.q_norm = nn.LayerNorm(config.n_embd) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(config.n_embd) if config.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.mlp_ratio * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.mlp_ratio * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """The study's decoder-only LM. `forward(idx)` returns logits over the padded vocabulary."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        cos, sin = rope_tables(config.block_size, config.head_size, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embeddings and matrices, with the residual output projections
+        scaled by 1/sqrt(2 n_layer) (GPT-2); LayerNorms start at gain 1, bias 0."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                scale = math.sqrt(2 * self.config.n_layer) if name.endswith(".proj.weight") else 1.0
+                nn.init.normal_(p, mean=0.0, std=std / scale)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def param_roles(self) -> dict[str, Role]:
+        """The role of every parameter by name: the one place routing, weight-decay groups and
+        diagnostics ask, tagged by module type rather than by name patterns."""
+        roles: dict[str, Role] = {}
+        for module_name, module in self.named_modules():
+            for param_name, _ in module.named_parameters(recurse=False):
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                if module is self.lm_head:
+                    roles[name] = "last_layer"
+                elif isinstance(module, nn.Embedding):
+                    roles[name] = "embedding"
+                elif isinstance(module, nn.LayerNorm):
+                    roles[name] = "norm"
+                elif isinstance(module, nn.Linear):
+                    roles[name] = "matrix"
+                else:
+                    raise TypeError(f"parameter {name} of {type(module).__name__} has no role")
+        return roles
+
+    def fused_projections(self, name: str) -> int:
+        """How many projections a weight fuses along dim 0 (3 for Q/K/V, else 1)."""
+        return 3 if name.endswith("attn.qkv.weight") else 1
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus 12 * L * d * T for attention (PaLM)."""
+        c = self.config
+        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy and mean z-loss `z_loss * logsumexp(logits)**2` over tokens.
+
+    Computed in float32: the logsumexp of bf16 logits loses the precision z-loss relies on.
+    """
+    logits = logits.float().flatten(0, 1)
+    targets = targets.flatten()
+    ce = F.cross_entropy(logits, targets)
+    if z_loss == 0:
+        return ce, torch.zeros((), device=logits.device)
+    z = z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return ce, z

@@ -1,0 +1,114 @@
+"""The LightningModule: next-token loss plus z-loss, the study's LR schedule, metrics.
+
+The module owns no particular optimizer: an optimizer callback (lm_opt.callbacks.optimizer)
+hands it a factory that builds the optimizer from the model's parameters and their roles.
+"""
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from lm_opt.model import GPT, ModelConfig, lm_loss
+from lm_opt.schedule import lr_factor
+
+OptimizerFactory = Callable[[GPT], torch.optim.Optimizer]
+
+
+class LMModule(L.LightningModule):
+    def __init__(
+        self,
+        preset: str = "tiny",
+        qk_norm: bool = True,
+        z_loss: float = 1e-4,
+        arch: dict[str, Any] | None = None,
+        warmup: float = 0.1,
+        min_lr_ratio: float = 0.1,
+        max_tokens: int | None = None,
+        tokens_per_param: float | None = None,
+        compile: bool = False,
+    ):
+        """
+        Args:
+            preset: Model size: `tiny`, `150m`, `300m`, `600m` or `1.2b` (lm_opt.model.PRESETS).
+            qk_norm: LayerNorm on queries and keys (the study sweeps with and without it).
+            z_loss: Coefficient of `logsumexp(logits)**2` in the loss; 0 turns it off.
+            arch: Further ModelConfig fields to override, e.g. `{n_layer: 4, block_size: 1024}`.
+            warmup: Linear warmup from min_lr_ratio*lr to lr, as a fraction of the run (< 1) or in steps.
+            min_lr_ratio: Where the warmup starts and the cosine decay ends, relative to the peak lr.
+            max_tokens: Run length in tokens (sets trainer.max_steps); exclusive with tokens_per_param.
+            tokens_per_param: Run length as tokens per parameter (20 is Chinchilla's, the study's).
+            compile: Compile the model with torch.compile.
+        """
+        super().__init__()
+        if warmup < 0:
+            raise ValueError(f"model.warmup must be >= 0, got {warmup}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters()
+        self.config = ModelConfig.from_name(preset, qk_norm=qk_norm, z_loss=z_loss, **(arch or {}))
+        self.model = GPT(self.config)
+        self.val_loss = MeanMetric()
+        self.optimizer_factory: OptimizerFactory | None = None
+        self.schedule_hold_steps = 0
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.model = torch.compile(self.model)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = batch["input_ids"].long()
+        logits = self.model(tokens[:, :-1])
+        return lm_loss(logits, tokens[:, 1:], self.config.z_loss)
+
+    def tokens_per_step(self) -> int:
+        """Tokens consumed by one optimizer step across all devices."""
+        dm = self.trainer.datamodule
+        return dm.hparams.batch_size * dm.hparams.seq_len * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    @property
+    def flops_per_batch(self) -> float:
+        """Training FLOPs of one batch on one device, for TokenThroughput's MFU."""
+        dm = self.trainer.datamodule
+        tokens = dm.hparams.batch_size * dm.hparams.seq_len
+        return self.model.flops_per_token(dm.hparams.seq_len) * tokens
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ce, z = self._losses(batch)
+        self.log("train/loss", ce, prog_bar=True)
+        self.log("train/z_loss", z)
+        # Batches have a fixed size, so tokens seen derive from the step and need no state.
+        self.log("train/tokens", float((self.global_step + 1) * self.tokens_per_step()))
+        return ce + z
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ce, _ = self._losses(batch)
+        n_tokens = batch["input_ids"][:, 1:].numel()
+        # A token-weighted mean whose sums torchmetrics reduces across ranks.
+        self.val_loss.update(ce, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", loss.exp(), sync_dist=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None:
+            raise RuntimeError(
+                "no optimizer is configured: add lm_opt.callbacks.OptimizerCallback to trainer.callbacks, "
+                "e.g. `--config configs/optim/adamw.yaml`"
+            )
+        optimizer = self.optimizer_factory(self.model)
+        schedule = partial(lr_factor, total_steps=self.trainer.max_steps, warmup=self.hparams.warmup,
+                           min_ratio=self.hparams.min_lr_ratio, hold_steps=self.schedule_hold_steps)
+        # LambdaLR scales each param group's own initial lr, so routes keep their own peaks.
+        scheduler = LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
