@@ -86,6 +86,7 @@ class PackedStream(IterableDataset):
         if state:
             docs.load_state_dict(state["docs"])
         eos = self.tokenizer.eos_token_id
+        resumed = state is not None
         while True:
             docs.set_epoch(epoch)
             empty = True
@@ -96,9 +97,9 @@ class PackedStream(IterableDataset):
                     part_state = {"docs": docs.state_dict(), "carry": packer.carry(), "epoch": epoch}
                     yield {"input_ids": torch.from_numpy(windows.astype(np.int32)),
                            STATE_KEY: {"part": part, "state": part_state}}
-            if empty:
+            if empty and not resumed:  # a resumed epoch may have had nothing left to read
                 raise RuntimeError(f"data part {part} of rank {self.rank} holds no documents")
-            epoch += 1
+            epoch, resumed = epoch + 1, False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

@@ -106,6 +106,15 @@ def _class(class_path: str) -> type:
         raise ValueError(f"optimizer class_path {class_path!r} cannot be imported: {err}") from err
 
 
+def check_hyperparameters(route: Route, cls: type) -> None:
+    """Build the route's optimizer on a dummy parameter, so a bad value fails at parse time."""
+    try:
+        instantiate_class([torch.nn.Parameter(torch.zeros(2, 2))], route.optimizer)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"route {route.name!r}: {cls.__name__} rejects init_args "
+                         f"{route.optimizer.get('init_args', {})}: {err}") from err
+
+
 class OptimizerCallback(L.Callback):
     """Owns the optimizer: one for every parameter (`optimizer`), or ordered `routes`."""
 
@@ -121,10 +130,30 @@ class OptimizerCallback(L.Callback):
             r if isinstance(r, Route) else Route(**r) for r in routes
         ]
         self.classes = [_class(r.optimizer["class_path"]) for r in self.routes]
+        for route, cls in zip(self.routes, self.classes):
+            check_hyperparameters(route, cls)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         route_parameters(pl_module.model, self.routes)  # fail on a bad routing before any compute
         pl_module.optimizer_factory = self.build
+        # Frozen Adalayer's accumulation steps run at lr 0; the schedule starts after them.
+        pl_module.schedule_hold_steps = max(r.optimizer.get("init_args", {}).get("freeze_after") or 0
+                                            for r in self.routes)
+
+    @staticmethod
+    def _modal_optimizers(trainer: L.Trainer) -> list[torch.optim.Optimizer]:
+        """Inner optimizers with train()/eval() modes (Schedule-Free keeps y and x)."""
+        inner = [o for opt in trainer.optimizers for o in getattr(opt, "optimizers", [opt])]
+        return [o for o in inner if callable(getattr(o, "train", None)) and callable(getattr(o, "eval", None))]
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Evaluate, and checkpoint (ModelCheckpoint saves at the end of validation), the averaged x.
+        for opt in self._modal_optimizers(trainer):
+            opt.eval()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        for opt in self._modal_optimizers(trainer):
+            opt.train()
 
     def build(self, model: GPT) -> torch.optim.Optimizer:
         optimizers = []

@@ -10,6 +10,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 
+from lm_opt.callbacks.divergence import Diverged
+
 SUMMARY_FILE = "summary.json"
 
 
@@ -25,8 +27,8 @@ class RunRecord(SaveConfigCallback):
     a `summary.json` that sweeps and reports read: status, final and best validation loss,
     steps, tokens, wall time and the full config.
 
-    Status is `finished`, `diverged` (set by the divergence callback through
-    `trainer.lm_opt_status`), `interrupted` (Ctrl-C) or `failed` (an exception).
+    Status is `finished`, `diverged` (with what the divergence callback recorded),
+    `interrupted` (Ctrl-C) or `failed` (an exception, with its message).
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -43,9 +45,12 @@ class RunRecord(SaveConfigCallback):
             self.best_val_loss = self.final_val_loss
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write_summary(trainer, pl_module, getattr(trainer, "lm_opt_status", {"status": "finished"}))
+        self.write_summary(trainer, pl_module, {"status": "finished"})
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, Diverged):
+            self.write_summary(trainer, pl_module, exception.status)
+            return
         status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         self.write_summary(trainer, pl_module, {"status": status, "error": f"{type(exception).__name__}: {exception}"})
 

@@ -1,0 +1,29 @@
+"""The optimizers of the study and of SOAP, and the ones a researcher tries next.
+
+`torch.optim.AdamW`, `torch.optim.SGD` and `torch.optim.Muon` are used as they are; YAML
+names any optimizer by `class_path` (e.g. `lm_opt.optim.Lion`, `torch.optim.AdamW`).
+"""
+
+from lm_opt.optim.adafactor import Adafactor
+from lm_opt.optim.adalayer import Adalayer
+from lm_opt.optim.adam_mini import AdamMini
+from lm_opt.optim.composite import CompositeOptimizer
+from lm_opt.optim.ema_sgd import EMASGD
+from lm_opt.optim.lion import Lion
+from lm_opt.optim.schedule_free import ScheduleFreeAdamW
+from lm_opt.optim.shampoo import Shampoo
+from lm_opt.optim.signum import Signum
+from lm_opt.optim.soap import SOAP
+
+__all__ = [
+    "EMASGD",
+    "SOAP",
+    "Adafactor",
+    "Adalayer",
+    "AdamMini",
+    "CompositeOptimizer",
+    "Lion",
+    "ScheduleFreeAdamW",
+    "Shampoo",
+    "Signum",
+]

@@ -1,0 +1,304 @@
+"""Adafactor*: Adam with a factored second moment (Zhao et al. 2024's variant)."""
+
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def _state_dtype(param: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
+    """Rebuild the second moment ``outer(R, C) / mean(R)`` over the last two dims.
+
+    Args:
+        row: ``R``, shape ``(*batch, n_rows)``: means of g^2 over each row.
+        col: ``C``, shape ``(*batch, n_cols)``: means of g^2 over each column.
+
+    Returns:
+        Shape ``(*batch, n_rows, n_cols)``; exact when g^2 has rank one.
+    """
+    row_mean = row.mean(dim=-1, keepdim=True)
+    # R >= 0, so mean(R) == 0 only when R == 0 (every gradient so far was zero): take
+    # 0/0 as 0 rather than NaN, so such a tensor gets a zero update.
+    scaled_row = row / row_mean.clamp_min(torch.finfo(row.dtype).tiny)
+    return scaled_row.unsqueeze(-1) * col.unsqueeze(-2)
+
+
+def second_moment(state: dict[str, Tensor]) -> Tensor:
+    """The second moment ``v`` before bias correction, full or reconstructed."""
+    if "exp_avg_sq" in state:
+        return state["exp_avg_sq"]
+    return factored_second_moment(state["exp_avg_sq_row"], state["exp_avg_sq_col"])
+
+
+def _accumulate_second_moment(grad: Tensor, state: dict[str, Tensor], beta2: float) -> None:
+    if "exp_avg_sq" in state:
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        return
+    grad_sq = grad.square()
+    state["exp_avg_sq_row"].mul_(beta2).add_(grad_sq.mean(dim=-1), alpha=1 - beta2)
+    state["exp_avg_sq_col"].mul_(beta2).add_(grad_sq.mean(dim=-2), alpha=1 - beta2)
+
+
+def _denominator(state: dict[str, Tensor], beta2: float, eps: float) -> Tensor:
+    """``sqrt(v / (1 - beta2^t)) + eps``, a new tensor."""
+    bias_correction2 = 1 - beta2 ** state["step"].item()
+    return second_moment(state).div(bias_correction2).sqrt_().add_(eps)
+
+
+def _init_state(param: Tensor, state: dict[str, Tensor]) -> None:
+    dtype = _state_dtype(param)
+    # On the CPU, as torch.optim keeps it: reading it for bias correction costs no sync.
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    if param.ndim >= 2:
+        state["exp_avg_sq_row"] = param.new_zeros(param.shape[:-1], dtype=dtype)
+        state["exp_avg_sq_col"] = param.new_zeros(param.shape[:-2] + param.shape[-1:], dtype=dtype)
+    else:
+        state["exp_avg_sq"] = torch.zeros_like(
+            param, dtype=dtype, memory_format=torch.preserve_format
+        )
+
+
+def adafactor_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Apply one Adafactor* step to one tensor, in place (``param`` and ``state``).
+
+    The update is computed in the state's dtype and cast back into ``param``.
+    """
+    exp_avg = state["exp_avg"]
+    grad = grad.to(exp_avg.dtype)
+    state["step"] += 1
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    _accumulate_second_moment(grad, state, beta2)
+    denom = _denominator(state, beta2, eps)
+    work = param.to(exp_avg.dtype)
+    if weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
+    work.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** state["step"].item()))
+    if work is not param:
+        param.copy_(work)
+
+
+def adafactor_update_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """:func:`adafactor_update` over lists of tensors.
+
+    The elementwise parts (first moment, weight decay, the final division) use
+    ``torch._foreach_*`` kernels; the second moment needs per-tensor reductions.
+    Like torch's foreach Adam, it holds the denominators of the whole group at once.
+    """
+    exp_avgs = [s["exp_avg"] for s in states]
+    grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    torch._foreach_add_([s["step"] for s in states], 1)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    denoms, step_sizes = [], []
+    for grad, state in zip(grads, states):
+        _accumulate_second_moment(grad, state, beta2)
+        denoms.append(_denominator(state, beta2, eps))
+        step_sizes.append(-lr / (1 - beta1 ** state["step"].item()))
+    work = [p.to(m.dtype) for p, m in zip(params, exp_avgs)]
+    if weight_decay != 0:
+        torch._foreach_mul_(work, 1 - lr * weight_decay)
+    torch._foreach_addcdiv_(work, exp_avgs, denoms, step_sizes)
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor* of Zhao et al. 2024: Adam's first moment, factored second moment.
+
+    From "Deconstructing What Makes a Good Optimizer for Language Models" (Zhao et
+    al. 2024, arXiv:2407.07972), a stripped-down Adafactor ("Adafactor: Adaptive
+    Learning Rates with Sublinear Memory Cost", Shazeer & Stern 2018): no update
+    clipping, no relative step size, no :math:`\beta_2` schedule. For a matrix with
+    gradient :math:`G_t` (tensors with more dims are factored over their last two,
+    the leading dims being batch dims), each step does
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1 - \beta_1) G_t \\
+        R &\leftarrow \beta_2 R + (1 - \beta_2) \operatorname{mean}_j G_t^2
+            \quad \text{(one per row)} \\
+        C &\leftarrow \beta_2 C + (1 - \beta_2) \operatorname{mean}_i G_t^2
+            \quad \text{(one per column)} \\
+        V &= R C^\top / \operatorname{mean}(R) \\
+        p &\leftarrow p \, (1 - \eta_t \lambda)
+            - \eta_t \, \frac{m / (1 - \beta_1^t)}{\sqrt{V / (1 - \beta_2^t)} + \epsilon}
+
+    Tensors with fewer than two dims keep Adam's full second moment
+    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g_t^2` in place of :math:`V`.
+
+    State: ``step``; ``exp_avg`` (:math:`m`); ``exp_avg_sq_row`` (:math:`R`) and
+    ``exp_avg_sq_col`` (:math:`C`) for tensors with two or more dims, else
+    ``exp_avg_sq`` (:math:`v`). In float32 that is about 4 bytes per parameter for
+    matrices (plus 4 bytes per row and per column) and 8 for vectors. The state is
+    float32 even for bf16/fp16 parameters (the update is computed in float32 and
+    cast back); float64 parameters keep float64 state.
+
+    The row and column means are statistics of the whole tensor, so parameters
+    sharded as ``DTensor`` (FSDP2) are refused with a ``RuntimeError``.
+
+    Args:
+        params: Parameters or parameter groups to optimize.
+        lr: Learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`: EMA coefficients of the first and second
+            moments.
+        eps: Added to the square root of the second moment (1e-15 in the study).
+        weight_decay: Decoupled weight decay :math:`\lambda` (multiplied by the lr).
+        foreach: Use ``torch._foreach_*`` kernels for the elementwise parts. ``None``
+            picks them when all tensors of a group are dense and on one device.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-15,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas} (must be a pair)")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
+        if not eps > 0.0:
+            raise ValueError(f"Invalid eps: {eps} (must be > 0)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, refusing sharded (``DTensor``) parameters."""
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if _is_dtensor(p):
+                raise RuntimeError(
+                    "Adafactor needs row and column means of g^2 over the whole tensor: "
+                    f"FSDP/DTensor sharding is not supported by it (got a DTensor "
+                    f"parameter of shape {tuple(p.shape)})"
+                )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, states = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    _init_state(p, state)
+                params.append(p)
+                grads.append(p.grad)
+                states.append(state)
+            if not params:
+                continue
+
+            beta1, beta2 = group["betas"]
+            hyper = dict(
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = len({p.device for p in params}) == 1
+            if foreach:
+                adafactor_update_foreach(params, grads, states, **hyper)
+            else:
+                for p, g, state in zip(params, grads, states):
+                    adafactor_update(p, g, state, **hyper)
+        return loss
+
+    def effective_lr(self, p: Tensor) -> Tensor | None:
+        """Per-coordinate ``lr / (sqrt(v_hat) + eps)`` from the current state.
+
+        ``v_hat`` is the (reconstructed) second moment over ``1 - beta2^t``, so the
+        last step moved ``p`` by ``-effective_lr * exp_avg / (1 - beta1^t)`` (plus
+        weight decay) if ``lr`` has not changed since.
+
+        Returns:
+            A tensor shaped like ``p`` in the state's dtype, or None before ``p``'s
+            first step.
+        """
+        state = self.state.get(p)
+        if not state:
+            return None
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return group["lr"] / _denominator(state, group["betas"][1], group["eps"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping float32 state for bf16/fp16 parameters.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
+        parameter's dtype, which would round float32 moments to bf16; the saved
+        tensors are re-read here in the dtype the optimizer keeps.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for param_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(param_id, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p))
+

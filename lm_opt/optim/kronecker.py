@@ -1,0 +1,176 @@
+"""Kronecker-factored preconditioning shared by SOAP and Shampoo.
+
+A gradient ``G`` with dims ``(d_0, ..., d_{k-1})`` gets one factor per dim ``i``: an
+EMA of the mode-``i`` Gram matrix ``G_(i) G_(i)^T`` (``d_i x d_i``), where ``G_(i)`` is
+``G`` unfolded along dim ``i`` (for a matrix: ``G G^T`` and ``G^T G``). A dim larger
+than ``max_precond_dim`` gets no factor (``None``) and is left as it is, which keeps the
+vocabulary axis of the embedding and of the output layer one-sided.
+
+Every Gram matrix is a sum over the whole tensor, so it cannot be formed from one shard
+of a sharded parameter; :func:`reject_dtensor` says so instead of silently
+preconditioning each shard with its own statistics.
+"""
+
+import sys
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def check_hyperparameters(
+    lr: float,
+    betas: tuple[float, float],
+    shampoo_beta: float,
+    eps: float,
+    weight_decay: float,
+    precondition_frequency: int,
+    max_precond_dim: int,
+) -> None:
+    """Raise ``ValueError`` naming the first argument SOAP or Shampoo cannot use."""
+    if not lr >= 0.0:
+        raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas} (must be a pair)")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
+    if not (shampoo_beta == -1 or 0.0 <= shampoo_beta < 1.0):
+        raise ValueError(f"Invalid shampoo_beta: {shampoo_beta} (must be -1 or in [0, 1))")
+    if not eps > 0.0:
+        raise ValueError(f"Invalid eps: {eps} (must be > 0)")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+    if not precondition_frequency >= 1:
+        raise ValueError(f"Invalid precondition_frequency: {precondition_frequency} (must be >= 1)")
+    if not max_precond_dim >= 1:
+        raise ValueError(f"Invalid max_precond_dim: {max_precond_dim} (must be >= 1)")
+
+
+def factor_beta(group: dict[str, Any]) -> float:
+    """EMA coefficient of the factors: ``shampoo_beta``, or ``betas[1]`` if it is -1."""
+    return group["betas"][1] if group["shampoo_beta"] < 0 else group["shampoo_beta"]
+
+
+def reject_dtensor(param: Tensor, optimizer_name: str) -> None:
+    """Raise if ``param`` is a ``DTensor``: its Kronecker factors would see one shard."""
+    # A DTensor can only exist once its module is loaded; importing it here would cost
+    # about a second to every process that never shards anything.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(param, dtensor.DTensor):
+        raise RuntimeError(
+            f"{optimizer_name} does not support FSDP/DTensor-sharded parameters: its "
+            "Kronecker factors G G^T must be computed over the whole tensor, not a shard. "
+            "Gather the parameter (or train without FSDP sharding of it)."
+        )
+
+
+def init_factors(
+    shape: Iterable[int], max_precond_dim: int, dtype: torch.dtype, device: torch.device
+) -> list[Tensor | None]:
+    """Zero ``d x d`` statistics for each dim ``d <= max_precond_dim``, else ``None``."""
+    return [
+        torch.zeros(d, d, dtype=dtype, device=device) if d <= max_precond_dim else None
+        for d in shape
+    ]
+
+
+def update_factors_(factors: list[Tensor | None], grad: Tensor, beta: float) -> None:
+    """``factor_i <- beta * factor_i + (1 - beta) * G_(i) G_(i)^T``, in place."""
+    for i, factor in enumerate(factors):
+        if factor is None:
+            continue
+        others = [j for j in range(grad.dim()) if j != i]
+        factor.lerp_(torch.tensordot(grad, grad, dims=(others, others)), 1 - beta)
+
+
+def eigh_with_fallback(mat: Tensor) -> tuple[Tensor, Tensor]:
+    """Ascending eigenvalues and eigenvectors of a symmetric matrix.
+
+    ``eigh`` in float32 can fail to converge on ill-conditioned statistics (notably with
+    cuSOLVER); such a matrix is decomposed again in float64 and cast back.
+    """
+    try:
+        return torch.linalg.eigh(mat)
+    except RuntimeError:
+        vals, vecs = torch.linalg.eigh(mat.double())
+        return vals.to(mat.dtype), vecs.to(mat.dtype)
+
+
+def eigenbasis(mat: Tensor) -> Tensor:
+    """Eigenvectors of a symmetric matrix as columns, by descending eigenvalue."""
+    return eigh_with_fallback(mat)[1].flip(1)
+
+
+def refresh_eigenbasis(mat: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """One power-iteration step from ``basis`` towards the eigenvectors of ``mat``.
+
+    SOAP (Vyas et al. 2024, Algorithm 4) replaces a full ``eigh`` by ``QR(mat @ Q)``,
+    with the columns first sorted by the eigenvalue estimate ``diag(Q^T mat Q)`` so that
+    they keep a descending order. Returns the new basis and that column order, which the
+    caller applies to whatever is indexed by the basis columns.
+    """
+    power = mat @ basis
+    order = torch.argsort((basis * power).sum(0), descending=True)
+    return torch.linalg.qr(power[:, order])[0], order
+
+
+def contract(x: Tensor, mats: list[Tensor | None], transpose: bool) -> Tensor:
+    """Multiply every dim ``i`` of ``x`` by ``mats[i]`` (or its transpose); skip ``None``.
+
+    With eigenbases ``Q_i``, ``transpose=True`` maps into the eigenbasis (``Q_i^T``
+    along dim ``i``) and ``transpose=False`` maps back. Each contraction eats dim 0 and
+    appends the result as the last dim, so after all dims the order is restored.
+    """
+    for mat in mats:
+        if mat is None:
+            x = x.movedim(0, -1)
+        else:
+            x = torch.tensordot(x, mat, dims=([0], [0 if transpose else 1]))
+    return x
+
+
+def apply_update_(
+    param: Tensor, update: Tensor, step_size: float, lr: float, weight_decay: float
+) -> None:
+    """``p <- (p - step_size * update) * (1 - lr * weight_decay)``, computed in ``update``'s dtype.
+
+    Weight decay comes after the step, as in the SOAP reference code.
+    """
+    work = param.to(update.dtype)
+    work.add_(update, alpha=-step_size)
+    if weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
+    if work is not param:
+        param.copy_(work)
+
+
+def _copy_state(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _copy_state(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_state(v, device) for v in value)
+    return value
+
+
+def restore_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of state to bf16/fp16 parameter dtypes.
+
+    That cast would round float32 moments and bases to bf16; the saved tensors are
+    copied in again, in their saved (float32) dtype, for low-precision parameters.
+    """
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    for param_id, p in zip(saved_ids, params):
+        if param_id in state_dict["state"] and state_dtype(p) != p.dtype:
+            optimizer.state[p] = _copy_state(state_dict["state"][param_id], p.device)

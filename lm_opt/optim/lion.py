@@ -1,0 +1,183 @@
+"""Lion: the sign of an interpolated momentum (Chen et al. 2023)."""
+
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def _state_dtype(param: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def lion_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """Apply one Lion step to one tensor, in place (``param`` and ``exp_avg``).
+
+    The update is computed in ``exp_avg``'s dtype and cast back into ``param``.
+    """
+    grad = grad.to(exp_avg.dtype)
+    update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
+    exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+    work = param.to(exp_avg.dtype)
+    if weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
+    work.add_(update, alpha=-lr)
+    if work is not param:
+        param.copy_(work)
+
+
+def lion_update_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """:func:`lion_update` over lists of tensors with ``torch._foreach_*`` kernels."""
+    grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    updates = torch._foreach_mul(exp_avgs, beta1)
+    torch._foreach_add_(updates, grads, alpha=1 - beta1)
+    torch._foreach_sign_(updates)
+    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+    work = [p.to(m.dtype) for p, m in zip(params, exp_avgs)]
+    if weight_decay != 0:
+        torch._foreach_mul_(work, 1 - lr * weight_decay)
+    torch._foreach_add_(work, updates, alpha=-lr)
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
+
+
+class Lion(Optimizer):
+    r"""Lion (EvoLved Sign Momentum), with decoupled weight decay.
+
+    From "Symbolic Discovery of Optimization Algorithms" (Chen et al. 2023,
+    arXiv:2302.06675), as used in "Deconstructing What Makes a Good Optimizer for
+    Language Models" (Zhao et al. 2024). With gradient :math:`g_t` and momentum
+    :math:`m`, each step does
+
+    .. math::
+        p &\leftarrow p \, (1 - \eta_t \lambda) \\
+        p &\leftarrow p - \eta_t \, \mathrm{sign}(\beta_1 m + (1 - \beta_1) g_t) \\
+        m &\leftarrow \beta_2 m + (1 - \beta_2) g_t
+
+    so the step direction interpolates with :math:`\beta_1` while the momentum is
+    tracked with :math:`\beta_2`. With :math:`\beta_1 = \beta_2` it is
+    :class:`~lm_opt.optim.signum.Signum`. Every coordinate moves by exactly
+    :math:`\eta_t` (or 0), so useful learning rates are 3-10x smaller than Adam's
+    (the study's best is 3.16e-4 against Adam's 3.16e-3).
+
+    State: ``exp_avg`` (:math:`m`), 4 bytes per parameter in float32. The state is
+    float32 even for bf16/fp16 parameters (the update is computed in float32 and
+    cast back); float64 parameters keep float64 state. The update is elementwise,
+    so sharded parameters (FSDP2 ``DTensor``) work as they are.
+
+    Args:
+        params: Parameters or parameter groups to optimize.
+        lr: Learning rate :math:`\eta`.
+        betas: :math:`(\beta_1, \beta_2)`: interpolation for the update and EMA
+            coefficient of the momentum.
+        weight_decay: Decoupled weight decay :math:`\lambda` (multiplied by the lr).
+        foreach: Use the multi-tensor ``torch._foreach_*`` implementation. ``None``
+            picks it when all tensors of a group are dense and on one device.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas} (must be a pair)")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, exp_avgs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(
+                        p, dtype=_state_dtype(p), memory_format=torch.preserve_format
+                    )
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+            if not params:
+                continue
+
+            beta1, beta2 = group["betas"]
+            hyper = dict(
+                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"]
+            )
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = len({p.device for p in params}) == 1
+            if foreach:
+                lion_update_foreach(params, grads, exp_avgs, **hyper)
+            else:
+                for p, g, m in zip(params, grads, exp_avgs):
+                    lion_update(p, g, m, **hyper)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping float32 state for bf16/fp16 parameters.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
+        parameter's dtype, which would round float32 momentum to bf16; the saved
+        tensors are re-read here in the dtype the optimizer keeps.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for param_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(param_id, {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p))

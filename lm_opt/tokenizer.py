@@ -1,0 +1,160 @@
+"""Tokenizers: T5's from the Hub, a local directory, or one with T5's layout trained offline.
+
+The "embedded" tokenizer is a sentencepiece unigram model with T5's id layout (pad 0, eos 1,
+unk 2, no bos, 32000 pieces, then 100 `<extra_id_*>`), so a model sized for `t5-base` fits it
+unchanged. It is trained once on a bounded sample of the embedded corpus and cached; training
+happens in a temporary directory renamed into place, so an interrupted run is never reused.
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
+
+from lm_opt.corpus import build_corpus, default_cache_dir, iter_texts
+
+log = logging.getLogger("lm_opt")
+
+EMBEDDED = "embedded"
+SPIECE = "spiece.model"
+# Written last into a trained directory: it says the directory is complete, and for which size.
+MARKER = "lm_opt_tokenizer.json"
+T5_VOCAB_SIZE = 32000
+# Enough text for 32000 pieces (6 MB of docstrings is not); training on it takes 10-20 s.
+SAMPLE_BYTES = 12_000_000
+TOKENIZER_FILES = ("tokenizer.json", SPIECE, "tokenizer.model", "vocab.json", "vocab.txt")
+MAX_THREADS = 16
+
+
+def sample_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """The non-empty lines of `texts`, up to `max_bytes`: sentencepiece's input sentences."""
+    total = 0
+    for text in texts:
+        for line in text.splitlines():
+            if line := line.strip():
+                total += len(line.encode("utf-8"))
+                if total > max_bytes:
+                    return
+                yield line
+
+
+def is_trained(out_dir: Path, vocab_size: int) -> bool:
+    """Whether `out_dir` holds a complete tokenizer trained with `vocab_size` pieces."""
+    try:
+        marker = json.loads((out_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("vocab_size") == vocab_size and (out_dir / "tokenizer.json").is_file()
+
+
+def train_spiece(lines: Iterator[str], model_prefix: Path, vocab_size: int) -> None:
+    """Train a unigram model with T5's ids: pad 0, eos 1, unk 2, no bos."""
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_prefix=str(model_prefix), model_type="unigram",
+            vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            num_threads=min(os.cpu_count() or 1, MAX_THREADS), minloglevel=2)
+    except RuntimeError as err:  # most often: too little text for `vocab_size` pieces
+        raise RuntimeError(f"training a {vocab_size}-piece tokenizer failed: {err}") from err
+
+
+def publish(tmp: Path, out_dir: Path, vocab_size: int) -> None:
+    """Rename the finished `tmp` to `out_dir`, replacing an incomplete or different tokenizer."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes directories private; the cache may be shared
+    if out_dir.exists() and not is_trained(out_dir, vocab_size):
+        shutil.rmtree(out_dir)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another process finished first
+        if not is_trained(out_dir, vocab_size):
+            raise
+
+
+def train_t5_like_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = T5_VOCAB_SIZE,
+                            sample_bytes: int = SAMPLE_BYTES) -> Path:
+    """Train (or reuse) a sentencepiece unigram tokenizer with T5's id layout in `out_dir`.
+
+    The directory gets `spiece.model` and the fast tokenizer's `tokenizer.json` and
+    `tokenizer_config.json`, so `AutoTokenizer.from_pretrained(out_dir)` resolves T5's class
+    offline without converting the model again.
+
+    Returns:
+        `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    if is_trained(out_dir, vocab_size):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        train_spiece(sample_lines(texts, sample_bytes), tmp / "spiece", vocab_size)
+        (tmp / "spiece.vocab").unlink()
+        # T5Tokenizer adds the 100 extra ids; saving it writes the fast tokenizer's files.
+        T5Tokenizer.from_pretrained(tmp).save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"vocab_size": vocab_size}))
+        publish(tmp, out_dir, vocab_size)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def from_directory(path: Path) -> PreTrainedTokenizerBase:
+    """A tokenizer saved in a local directory; a bare `spiece.model` is read with T5's layout."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise RuntimeError(f"tokenizer directory {path} holds no tokenizer files (one of "
+                           f"{', '.join(TOKENIZER_FILES)}): point data.tokenizer to a directory "
+                           "saved with save_pretrained, or holding a sentencepiece spiece.model")
+    if (path / SPIECE).is_file() and not (path / "tokenizer_config.json").is_file():
+        return T5Tokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def from_hub(name: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from the Hugging Face Hub or its local cache, with a fix when neither works."""
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # offline, unreachable and missing repos raise several types
+        cause = " ".join(f"{type(err).__name__}: {err}".split())
+        raise RuntimeError(
+            f"cannot load tokenizer {name!r}: it is not in the local Hugging Face cache, and the "
+            "Hub is unreachable or HF_HUB_OFFLINE is set. Offline, set `data.tokenizer: embedded` "
+            "(T5's layout, trained on the local corpus) or a local directory holding a "
+            f"spiece.model. ({cause})"
+        ) from err
+
+
+def load_tokenizer(name: str, *, corpus_files: list[str] | None = None,
+                   cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+    """The fast tokenizer `name`: "embedded", a local directory, or a Hub id such as "t5-base".
+
+    Args:
+        name: What to load; "embedded" trains or reuses a tokenizer in `cache_dir/tokenizer`.
+        corpus_files: Text shards to train "embedded" on; by default the embedded corpus's.
+        cache_dir: Root of the cache; by default `default_cache_dir()`.
+    """
+    source = name
+    if name == EMBEDDED:
+        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        out_dir = cache_dir / "tokenizer"
+        if not is_trained(out_dir, T5_VOCAB_SIZE):
+            if corpus_files is None:
+                corpus_files = build_corpus(cache_dir / "corpus")["train"]
+            train_t5_like_tokenizer(iter_texts(corpus_files), out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(out_dir)
+        source = f"{name} ({out_dir})"
+    elif Path(name).is_dir():
+        tokenizer = from_directory(Path(name))
+    else:
+        tokenizer = from_hub(name)
+    if not tokenizer.is_fast:  # the slow classes tokenize batches of documents far too slowly
+        raise RuntimeError(f"tokenizer {name!r} loaded as the slow {type(tokenizer).__name__}; "
+                           "a fast tokenizer (tokenizer.json) is needed")
+    log.info("tokenizer: %s, %s, %d tokens, eos id %s", source, type(tokenizer).__name__,
+             len(tokenizer), tokenizer.eos_token_id)
+    return tokenizer

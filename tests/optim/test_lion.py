@@ -1,0 +1,175 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lm_opt.optim.lion import Lion
+
+SHAPES = [(7,), (5, 3), (2, 3, 4)]
+N_STEPS = 25
+
+
+def make_params(dtype=torch.float64, seed=0):
+    """Parameters of several shapes, one more for a second group, a zero-grad and a no-grad one."""
+    gen = torch.Generator().manual_seed(seed)
+    group_a = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
+    group_b = [torch.randn(s, generator=gen, dtype=dtype) for s in [(4, 6), (3,), (2, 2)]]
+    return group_a, group_b
+
+
+def set_grads(group_a, group_b, gen):
+    for p in group_a + group_b[:1]:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    group_b[1].grad = torch.zeros_like(group_b[1])
+    group_b[2].grad = None
+
+
+def make_optimizer(group_a, group_b, **kwargs):
+    return Lion(
+        [{"params": group_a}, {"params": group_b, "lr": 3e-3, "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        **kwargs,
+    )
+
+
+def run(opt, group_a, group_b, n_steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n_steps):
+        set_grads(group_a, group_b, gen)
+        opt.step()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_matches_reference_equations(foreach):
+    group_a, group_b = make_params()
+    ref = [p.clone() for p in group_a + group_b]
+    ref_m = [torch.zeros_like(p) for p in ref]
+    opt = make_optimizer(group_a, group_b, foreach=foreach)
+    lrs, wds = [1e-2] * 3 + [3e-3] * 3, [0.1] * 3 + [0.0] * 3
+    beta1, beta2 = 0.9, 0.95
+    gen = torch.Generator().manual_seed(1)
+    for t in range(N_STEPS):
+        # A schedule rewrites group["lr"] every step; the optimizer must follow it.
+        scale = 1.0 / (1 + t)
+        for group, base in zip(opt.param_groups, [1e-2, 3e-3]):
+            group["lr"] = base * scale
+        set_grads(group_a, group_b, gen)
+        opt.step()
+        for i, p in enumerate(group_a + group_b):
+            if p.grad is None:
+                continue
+            lr, g = lrs[i] * scale, p.grad
+            ref[i] = ref[i] * (1 - lr * wds[i])
+            ref[i] = ref[i] - lr * torch.sign(beta1 * ref_m[i] + (1 - beta1) * g)
+            ref_m[i] = beta2 * ref_m[i] + (1 - beta2) * g
+            torch.testing.assert_close(p, ref[i], rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(opt.state[p]["exp_avg"], ref_m[i], rtol=1e-6, atol=1e-12)
+
+    untouched = group_b[2]
+    assert torch.equal(untouched, make_params()[1][2])
+    assert untouched not in opt.state
+    assert torch.equal(opt.state[group_b[1]]["exp_avg"], torch.zeros(3, dtype=torch.float64))
+
+
+def test_foreach_equals_per_tensor():
+    runs = []
+    for foreach in [False, True]:
+        group_a, group_b = make_params(dtype=torch.float32)
+        group_a[1] = group_a[1].bfloat16()
+        run(make_optimizer(group_a, group_b, foreach=foreach), group_a, group_b, N_STEPS)
+        runs.append(group_a + group_b)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_state_dict_round_trip_continues_bit_for_bit(foreach):
+    group_a, group_b = make_params(dtype=torch.float32)
+    group_a[0] = group_a[0].bfloat16()
+    opt = make_optimizer(group_a, group_b, foreach=foreach)
+    run(opt, group_a, group_b, 10)
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    fresh_a, fresh_b = [copy.deepcopy(p) for p in group_a], [copy.deepcopy(p) for p in group_b]
+    resumed = make_optimizer(fresh_a, fresh_b, foreach=foreach)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    assert resumed.state[fresh_a[0]]["exp_avg"].dtype == torch.float32
+
+    run(opt, group_a, group_b, 10, seed=2)
+    run(resumed, fresh_a, fresh_b, 10, seed=2)
+    for p, q in zip(group_a + group_b, fresh_a + fresh_b):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"lr": -1e-3}, "lr"),
+        ({"betas": (-0.1, 0.99)}, "betas"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"betas": (0.9,)}, "betas"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
+)
+def test_invalid_hyperparameters_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Lion([torch.zeros(2)], **kwargs)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_bf16_params_keep_fp32_state(foreach):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 5, generator=gen).bfloat16()
+    start = p.float()
+    opt = Lion([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, foreach=foreach)
+    p.grad = torch.randn(4, 5, generator=gen).bfloat16()
+    opt.step()
+    assert p.dtype == torch.bfloat16
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+    # The update is applied in float32, then rounded once into bf16.
+    expected = start * (1 - 1e-2 * 0.1) - 1e-2 * torch.sign(p.grad.float())
+    assert torch.equal(p, expected.bfloat16())
+
+
+def test_step_returns_closure_loss():
+    p = torch.zeros(3, requires_grad=True)
+    opt = Lion([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p - 1).square().sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 3.0
+    assert torch.equal(p.detach(), torch.full((3,), 0.1))
+
+
+def test_works_on_dtensor():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        gen = torch.Generator().manual_seed(0)
+        plain = torch.randn(4, 3, generator=gen)
+        grads = [torch.randn(4, 3, generator=gen) for _ in range(3)]
+        sharded = distribute_tensor(plain.clone(), mesh, [Shard(0)])
+        opt_plain, opt_sharded = Lion([plain], lr=0.1), Lion([sharded], lr=0.1)
+        for g in grads:
+            plain.grad, sharded.grad = g, distribute_tensor(g, mesh, [Shard(0)])
+            opt_plain.step()
+            opt_sharded.step()
+        assert torch.equal(sharded.full_tensor(), plain)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
