@@ -1,3 +1,23 @@
-from lm_opt.cli import main
+"""`python -m lm_opt fit|validate|test ...` (the Lightning CLI), and the study's tools:
+`sweep SPEC`, `report SWEEP_DIR`, `plot-eff-lr RUN_DIR`."""
 
-main()
+import sys
+
+TOOLS = {
+    "sweep": "lm_opt.sweep",
+    "report": "lm_opt.report",
+    "plot-eff-lr": "lm_opt.plot_eff_lr",
+}
+
+
+def run() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        module = __import__(TOOLS[sys.argv[1]], fromlist=["main"])
+        module.main(sys.argv[2:])
+    else:
+        from lm_opt.cli import main
+
+        main()
+
+
+run()

@@ -54,11 +54,15 @@ def is_trained(out_dir: Path, vocab_size: int) -> bool:
 
 
 def train_spiece(lines: Iterator[str], model_prefix: Path, vocab_size: int) -> None:
-    """Train a unigram model with T5's ids: pad 0, eos 1, unk 2, no bos."""
+    """Train a unigram model with T5's ids: pad 0, eos 1, unk 2, no bos.
+
+    Every character of the sample gets a piece (`character_coverage=1.0`): with the default
+    0.9995, characters as common in docstrings as "!" became `<unk>` (0.2% of tokens, not 0.01%).
+    """
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines, model_prefix=str(model_prefix), model_type="unigram",
-            vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+            vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
             num_threads=min(os.cpu_count() or 1, MAX_THREADS), minloglevel=2)
     except RuntimeError as err:  # most often: too little text for `vocab_size` pieces
         raise RuntimeError(f"training a {vocab_size}-piece tokenizer failed: {err}") from err

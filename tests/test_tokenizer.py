@@ -100,3 +100,5 @@ def test_embedded_tokenizer_has_t5_layout_at_full_size(tmp_path, caplog):
     ids = tokenizer(SENTENCE, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == SENTENCE
     assert (tmp_path / "tokenizer" / SPIECE).is_file()
+    text = "Returns {'loss': x!} and [a, b] for f(x) = 2 * x ** 2 - 1; see `step()` <note> @ 100%."
+    assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -15,12 +15,19 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from lm_opt.model import GPT, ROLES
 from lm_opt.optim.composite import CompositeOptimizer
 
 log = logging.getLogger("lm_opt")
+
+# Optimizers whose update of a coordinate reads only that coordinate: they are exact on FSDP's
+# parameter shards. The others need whole-tensor statistics (block means, row/column means,
+# G G^T, orthogonalization) that a shard does not have.
+ELEMENTWISE = ("torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD", "lm_opt.optim.Lion",
+               "lm_opt.optim.Signum", "lm_opt.optim.EMASGD", "lm_opt.optim.ScheduleFreeAdamW")
 
 # Prefixes that wrappers (torch.compile, FSDP, activation checkpointing) add to parameter names.
 _WRAPPER_PREFIXES = re.compile(r"(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
@@ -88,10 +95,10 @@ def param_groups(model: GPT, named: list[tuple[str, torch.nn.Parameter]], route:
     for name, p in named:
         role = roles[name]
         key: tuple = (role,)
-        extra = {}
+        extra = {"name": f"{route.name}/{role}"}
         if hasattr(optimizer_cls, "block_layout"):
             blocks = optimizer_cls.block_layout(role, n_head=model.config.n_head, fused=model.fused_projections(name))
-            key, extra = (role, blocks), {"blocks": blocks}
+            key, extra = (role, blocks), {"blocks": blocks, "name": f"{route.name}/{role}/blocks={blocks}"}
         group = groups.setdefault(key, {"params": [], "param_names": [], "role": role, "route": route.name, **extra})
         group["params"].append(p)
         group["param_names"].append(name)
@@ -135,6 +142,14 @@ class OptimizerCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         route_parameters(pl_module.model, self.routes)  # fail on a bad routing before any compute
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            for route in self.routes:
+                if route.optimizer["class_path"] not in ELEMENTWISE:
+                    raise ValueError(
+                        f"route {route.name!r}: {route.optimizer['class_path']} needs whole-tensor statistics, "
+                        f"which {type(trainer.strategy).__name__} shards across devices; use strategy: ddp, "
+                        f"or one of {list(ELEMENTWISE)}"
+                    )
         pl_module.optimizer_factory = self.build
         # Frozen Adalayer's accumulation steps run at lr 0; the schedule starts after them.
         pl_module.schedule_hold_steps = max(r.optimizer.get("init_args", {}).get("freeze_after") or 0

@@ -1,25 +1,23 @@
 """Adafactor*: Adam with a factored second moment (Zhao et al. 2024's variant)."""
 
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-
-def _state_dtype(param: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
-    return torch.promote_types(param.dtype, torch.float32)
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+from lm_opt.optim.state import (
+    FP32StateMixin,
+    check_args,
+    closure_loss,
+    copy_back_,
+    group_of,
+    params_with_grad,
+    reject_dtensor,
+    state_dtype,
+    use_foreach,
+)
 
 
 def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
@@ -62,7 +60,7 @@ def _denominator(state: dict[str, Tensor], beta2: float, eps: float) -> Tensor:
 
 
 def _init_state(param: Tensor, state: dict[str, Tensor]) -> None:
-    dtype = _state_dtype(param)
+    dtype = state_dtype(param)
     # On the CPU, as torch.optim keeps it: reading it for bias correction costs no sync.
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
@@ -135,12 +133,10 @@ def adafactor_update_foreach(
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
     torch._foreach_addcdiv_(work, exp_avgs, denoms, step_sizes)
-    for p, w in zip(params, work):
-        if w is not p:
-            p.copy_(w)
+    copy_back_(params, work)
 
 
-class Adafactor(Optimizer):
+class Adafactor(FP32StateMixin, Optimizer):
     r"""Adafactor* of Zhao et al. 2024: Adam's first moment, factored second moment.
 
     From "Deconstructing What Makes a Good Optimizer for Language Models" (Zhao et
@@ -194,17 +190,7 @@ class Adafactor(Optimizer):
         *,
         foreach: bool | None = None,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas} (must be a pair)")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
-        if not eps > 0.0:
-            raise ValueError(f"Invalid eps: {eps} (must be > 0)")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        check_args(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach
         )
@@ -214,12 +200,7 @@ class Adafactor(Optimizer):
         """Add a parameter group, refusing sharded (``DTensor``) parameters."""
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
-            if _is_dtensor(p):
-                raise RuntimeError(
-                    "Adafactor needs row and column means of g^2 over the whole tensor: "
-                    f"FSDP/DTensor sharding is not supported by it (got a DTensor "
-                    f"parameter of shape {tuple(p.shape)})"
-                )
+            reject_dtensor(p, "Adafactor", "the row and column means of g^2 span the whole tensor")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -231,27 +212,16 @@ class Adafactor(Optimizer):
         Returns:
             The loss returned by ``closure``, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params, grads, states = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    _init_state(p, state)
-                params.append(p)
-                grads.append(p.grad)
-                states.append(state)
+            params = params_with_grad(group, "Adafactor")
             if not params:
                 continue
-
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                if not state:
+                    _init_state(p, state)
             beta1, beta2 = group["betas"]
             hyper = dict(
                 lr=group["lr"],
@@ -260,10 +230,7 @@ class Adafactor(Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
             )
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = len({p.device for p in params}) == 1
-            if foreach:
+            if use_foreach(group, params):
                 adafactor_update_foreach(params, grads, states, **hyper)
             else:
                 for p, g, state in zip(params, grads, states):
@@ -284,21 +251,5 @@ class Adafactor(Optimizer):
         state = self.state.get(p)
         if not state:
             return None
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        group = group_of(self, p)
         return group["lr"] / _denominator(state, group["betas"][1], group["eps"])
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping float32 state for bf16/fp16 parameters.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
-        parameter's dtype, which would round float32 moments to bf16; the saved
-        tensors are re-read here in the dtype the optimizer keeps.
-        """
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for param_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(param_id, {}).items():
-                if torch.is_tensor(value) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p))
-

@@ -1,12 +1,23 @@
 """Adalayer: Adam with one second-moment scalar per block of a parameter."""
 
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lm_opt.optim.state import (
+    FP32StateMixin,
+    check_args,
+    closure_loss,
+    copy_back_,
+    group_of,
+    params_with_grad,
+    reject_dtensor,
+    state_dtype,
+    use_foreach,
+)
 
 ROLES = ("embedding", "matrix", "norm", "last_layer")
 
@@ -126,25 +137,10 @@ def adalayer_update_foreach(
     if weight_decay:
         torch._foreach_mul_(ps, 1 - lr * weight_decay)
     torch._foreach_add_(ps, updates, alpha=-lr / bias_correction1)
-    cast = [(p, q) for p, q in zip(params, ps) if q is not p]
-    if cast:
-        torch._foreach_copy_([p for p, _ in cast], [q for _, q in cast])
+    copy_back_(params, ps)
 
 
-def _state_dtype(param: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
-    return torch.promote_types(param.dtype, torch.float32)
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-class Adalayer(Optimizer):
+class Adalayer(FP32StateMixin, Optimizer):
     r"""Adalayer (Zhao et al. 2024, "Deconstructing What Makes a Good Optimizer for Language
     Models"): Adam's per-coordinate momentum with one second-moment scalar per block.
 
@@ -226,18 +222,9 @@ class Adalayer(Optimizer):
             raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        if not group["lr"] >= 0.0:
-            raise ValueError(f"Invalid lr: {group['lr']} (must be >= 0)")
-        betas = group["betas"]
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas} (must be a pair)")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
-        if not group["eps"] > 0.0:
-            raise ValueError(f"Invalid eps: {group['eps']} (must be > 0)")
-        if not group["weight_decay"] >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {group['weight_decay']} (must be >= 0)")
+        check_args(
+            lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"]
+        )
         blocks = group["blocks"]
         if blocks not in ("tensor", "row") and not (type(blocks) is int and blocks > 0):
             raise ValueError(f"Invalid blocks: {blocks!r} (must be 'tensor', 'row' or an int > 0)")
@@ -245,11 +232,7 @@ class Adalayer(Optimizer):
         if freeze_after is not None and not (type(freeze_after) is int and freeze_after > 0):
             raise ValueError(f"Invalid freeze_after: {freeze_after!r} (must be None or an int > 0)")
         for p in group["params"]:
-            if _is_dtensor(p):
-                raise RuntimeError(
-                    f"{type(self).__name__} needs whole-tensor block statistics: "
-                    "FSDP/DTensor sharding is not supported by it"
-                )
+            reject_dtensor(p, type(self).__name__, "its block means of g^2 span whole blocks")
             num_blocks(p.shape, blocks)
 
     @staticmethod
@@ -289,22 +272,17 @@ class Adalayer(Optimizer):
         Returns:
             The loss returned by ``closure``, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = closure_loss(closure)
         for group in self.param_groups:
+            params = params_with_grad(group, type(self).__name__)
+            if not params:
+                continue
             # A parameter that skipped steps (grad None) has its own step count.
             by_step: dict[int, list[Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            for p in params:
                 state = self.state[p]
                 if not state:
-                    dtype = _state_dtype(p)
+                    dtype = state_dtype(p)
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
                     n = num_blocks(p.shape, group["blocks"])
@@ -312,35 +290,18 @@ class Adalayer(Optimizer):
                 state["step"] += 1
                 by_step.setdefault(int(state["step"].item()), []).append(p)
 
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = len({p.device for p in group["params"]}) == 1
-            for t, params in by_step.items():
+            foreach = use_foreach(group, params)
+            for t, same_step in by_step.items():
                 hparams = step_hparams(t, group)
-                grads = [p.grad for p in params]
-                exp_avgs = [self.state[p]["exp_avg"] for p in params]
-                exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+                grads = [p.grad for p in same_step]
+                exp_avgs = [self.state[p]["exp_avg"] for p in same_step]
+                exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in same_step]
                 if foreach:
-                    adalayer_update_foreach(params, grads, exp_avgs, exp_avg_sqs, **hparams)
+                    adalayer_update_foreach(same_step, grads, exp_avgs, exp_avg_sqs, **hparams)
                     continue
-                for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+                for p, g, m, v in zip(same_step, grads, exp_avgs, exp_avg_sqs):
                     adalayer_update(p, g, m, v, **hparams)
         return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping float32 state for bf16/fp16 parameters.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
-        parameter's dtype, which would round float32 moments to bf16; the saved
-        tensors are re-read here in the dtype the optimizer keeps.
-        """
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for param_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(param_id, {}).items():
-                if torch.is_tensor(value) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p))
 
     def effective_lr(self, p: Tensor) -> Tensor | None:
         """Per-block ``lr / (sqrt(v_hat) + eps)`` from the current state.
@@ -356,7 +317,7 @@ class Adalayer(Optimizer):
         state = self.state.get(p)
         if not state:
             return None
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        group = group_of(self, p)
         hparams = step_hparams(int(state["step"].item()), group)
         v_hat = state["exp_avg_sq"] / hparams["bias_correction2"]
         return hparams["lr"] / (v_hat.sqrt() + hparams["eps"])

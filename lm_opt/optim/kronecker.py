@@ -7,23 +7,20 @@ than ``max_precond_dim`` gets no factor (``None``) and is left as it is, which k
 vocabulary axis of the embedding and of the output layer one-sided.
 
 Every Gram matrix is a sum over the whole tensor, so it cannot be formed from one shard
-of a sharded parameter; :func:`reject_dtensor` says so instead of silently
-preconditioning each shard with its own statistics.
+of a sharded parameter; SOAP and Shampoo refuse ``DTensor`` parameters (with
+:data:`SHARDING_REASON`) instead of silently preconditioning each shard with its own
+statistics.
 """
 
-import sys
 from collections.abc import Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
+from lm_opt.optim.state import check_args
 
-def state_dtype(param: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
-    return torch.promote_types(param.dtype, torch.float32)
+SHARDING_REASON = "its Kronecker factors G G^T must be computed over the whole tensor"
 
 
 def check_hyperparameters(
@@ -36,19 +33,9 @@ def check_hyperparameters(
     max_precond_dim: int,
 ) -> None:
     """Raise ``ValueError`` naming the first argument SOAP or Shampoo cannot use."""
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas} (must be a pair)")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
+    check_args(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if not (shampoo_beta == -1 or 0.0 <= shampoo_beta < 1.0):
         raise ValueError(f"Invalid shampoo_beta: {shampoo_beta} (must be -1 or in [0, 1))")
-    if not eps > 0.0:
-        raise ValueError(f"Invalid eps: {eps} (must be > 0)")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
     if not precondition_frequency >= 1:
         raise ValueError(f"Invalid precondition_frequency: {precondition_frequency} (must be >= 1)")
     if not max_precond_dim >= 1:
@@ -58,19 +45,6 @@ def check_hyperparameters(
 def factor_beta(group: dict[str, Any]) -> float:
     """EMA coefficient of the factors: ``shampoo_beta``, or ``betas[1]`` if it is -1."""
     return group["betas"][1] if group["shampoo_beta"] < 0 else group["shampoo_beta"]
-
-
-def reject_dtensor(param: Tensor, optimizer_name: str) -> None:
-    """Raise if ``param`` is a ``DTensor``: its Kronecker factors would see one shard."""
-    # A DTensor can only exist once its module is loaded; importing it here would cost
-    # about a second to every process that never shards anything.
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(param, dtensor.DTensor):
-        raise RuntimeError(
-            f"{optimizer_name} does not support FSDP/DTensor-sharded parameters: its "
-            "Kronecker factors G G^T must be computed over the whole tensor, not a shard. "
-            "Gather the parameter (or train without FSDP sharding of it)."
-        )
 
 
 def init_factors(
@@ -151,26 +125,3 @@ def apply_update_(
         work.mul_(1 - lr * weight_decay)
     if work is not param:
         param.copy_(work)
-
-
-def _copy_state(value: Any, device: torch.device) -> Any:
-    if torch.is_tensor(value):
-        return value.to(device=device, copy=True)
-    if isinstance(value, dict):
-        return {k: _copy_state(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copy_state(v, device) for v in value)
-    return value
-
-
-def restore_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
-    """Undo ``Optimizer.load_state_dict``'s cast of state to bf16/fp16 parameter dtypes.
-
-    That cast would round float32 moments and bases to bf16; the saved tensors are
-    copied in again, in their saved (float32) dtype, for low-precision parameters.
-    """
-    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
-    for param_id, p in zip(saved_ids, params):
-        if param_id in state_dict["state"] and state_dtype(p) != p.dtype:
-            optimizer.state[p] = _copy_state(state_dict["state"][param_id], p.device)

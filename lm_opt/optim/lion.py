@@ -1,17 +1,21 @@
 """Lion: the sign of an interpolated momentum (Chen et al. 2023)."""
 
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-
-def _state_dtype(param: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
-    return torch.promote_types(param.dtype, torch.float32)
+from lm_opt.optim.state import (
+    FP32StateMixin,
+    check_args,
+    closure_loss,
+    copy_back_,
+    params_with_grad,
+    use_foreach,
+    zeros_state,
+)
 
 
 def lion_update(
@@ -60,12 +64,10 @@ def lion_update_foreach(
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
     torch._foreach_add_(work, updates, alpha=-lr)
-    for p, w in zip(params, work):
-        if w is not p:
-            p.copy_(w)
+    copy_back_(params, work)
 
 
-class Lion(Optimizer):
+class Lion(FP32StateMixin, Optimizer):
     r"""Lion (EvoLved Sign Momentum), with decoupled weight decay.
 
     From "Symbolic Discovery of Optimization Algorithms" (Chen et al. 2023,
@@ -108,15 +110,7 @@ class Lion(Optimizer):
         *,
         foreach: bool | None = None,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas} (must be a pair)")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        check_args(lr=lr, betas=betas, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
@@ -130,54 +124,20 @@ class Lion(Optimizer):
         Returns:
             The loss returned by ``closure``, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params, grads, exp_avgs = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lion does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(
-                        p, dtype=_state_dtype(p), memory_format=torch.preserve_format
-                    )
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
+            params = params_with_grad(group, "Lion")
             if not params:
                 continue
-
+            grads = [p.grad for p in params]
+            exp_avgs = zeros_state(self, params, "exp_avg")
             beta1, beta2 = group["betas"]
             hyper = dict(
                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"]
             )
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = len({p.device for p in params}) == 1
-            if foreach:
+            if use_foreach(group, params):
                 lion_update_foreach(params, grads, exp_avgs, **hyper)
             else:
                 for p, g, m in zip(params, grads, exp_avgs):
                     lion_update(p, g, m, **hyper)
         return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping float32 state for bf16/fp16 parameters.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
-        parameter's dtype, which would round float32 momentum to bf16; the saved
-        tensors are re-read here in the dtype the optimizer keeps.
-        """
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for param_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(param_id, {}).items():
-                if torch.is_tensor(value) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, dtype=_state_dtype(p))

@@ -1,17 +1,22 @@
 """Schedule-Free AdamW (Defazio et al. 2024)."""
 
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-
-def _state_dtype(param: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
-    return torch.promote_types(param.dtype, torch.float32)
+from lm_opt.optim.state import (
+    FP32StateMixin,
+    check_args,
+    closure_loss,
+    copy_back_,
+    group_of,
+    params_with_grad,
+    state_dtype,
+    use_foreach,
+)
 
 
 def warmup_factor(t: int, warmup_steps: int) -> float:
@@ -81,12 +86,10 @@ def schedule_free_update_foreach(
     torch._foreach_lerp_(work, zs, ckp1)
     torch._foreach_add_(work, us, alpha=lr * (beta1 * (1 - ckp1) - 1))
     torch._foreach_sub_(zs, us, alpha=lr)
-    for y, w in zip(ys, work):
-        if w is not y:
-            y.copy_(w)
+    copy_back_(ys, work)
 
 
-class ScheduleFreeAdamW(Optimizer):
+class ScheduleFreeAdamW(FP32StateMixin, Optimizer):
     r"""Schedule-Free AdamW, from "The Road Less Scheduled" (Defazio et al. 2024,
     arXiv:2405.15682), with the arguments of the ``schedulefree`` package's
     ``AdamWScheduleFree``.
@@ -152,19 +155,10 @@ class ScheduleFreeAdamW(Optimizer):
         *,
         foreach: bool | None = None,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas} (must be a pair)")
+        check_args(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         # beta1 = 0 would make y = z and leave x unrecoverable for eval().
-        if not 0.0 < betas[0] < 1.0:
+        if not betas[0] > 0.0:
             raise ValueError(f"Invalid betas[0]: {betas[0]} (must be in (0, 1))")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid betas[1]: {betas[1]} (must be in [0, 1))")
-        if not eps > 0.0:
-            raise ValueError(f"Invalid eps: {eps} (must be > 0)")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
         if not (type(warmup_steps) is int and warmup_steps >= 0):
             raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (must be an int >= 0)")
         if not r >= 0.0:
@@ -205,28 +199,19 @@ class ScheduleFreeAdamW(Optimizer):
                 "ScheduleFreeAdamW.step() called in eval mode (the parameters hold x, not y): "
                 "call optimizer.train() before training"
             )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            params, grads, zs, exp_avg_sqs = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ScheduleFreeAdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["z"] = p.detach().to(_state_dtype(p), copy=True)
-                    state["exp_avg_sq"] = torch.zeros_like(state["z"])
-                params.append(p)
-                grads.append(p.grad)
-                zs.append(state["z"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
+            params = params_with_grad(group, "ScheduleFreeAdamW")
             if not params:
                 continue
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["z"] = p.detach().to(state_dtype(p), copy=True)
+                    state["exp_avg_sq"] = torch.zeros_like(state["z"])
+            grads = [p.grad for p in params]
+            zs = [self.state[p]["z"] for p in params]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
 
             t = group["step"] + 1
             beta1, beta2 = group["betas"]
@@ -245,10 +230,7 @@ class ScheduleFreeAdamW(Optimizer):
                 ckp1=weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0,
                 bias_correction2=1 - beta2**t,
             )
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = len({p.device for p in params}) == 1
-            if foreach:
+            if use_foreach(group, params):
                 schedule_free_update_foreach(params, grads, zs, exp_avg_sqs, **hyper)
             else:
                 for p, g, z, v in zip(params, grads, zs, exp_avg_sqs):
@@ -300,23 +282,8 @@ class ScheduleFreeAdamW(Optimizer):
         state = self.state.get(p)
         if not state:
             return None
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        group = group_of(self, p)
         t = group["step"]
         lr = group["lr"] * warmup_factor(t, group["warmup_steps"])
         v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** t)
         return lr / (v_hat.sqrt() + group["eps"])
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping float32 state for bf16/fp16 parameters.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the
-        parameter's dtype, which would round float32 ``z`` and ``exp_avg_sq`` to bf16; the
-        saved tensors are re-read here in the dtype they were saved in (the eval-mode copy
-        of ``y`` is in the parameter's dtype).
-        """
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for param_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(param_id, {}).items():
-                self.state[p][key] = value.to(device=p.device)

@@ -8,16 +8,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lm_opt.optim.kronecker import (
+    SHARDING_REASON,
     apply_update_,
     check_hyperparameters,
     contract,
     eigh_with_fallback,
     factor_beta,
     init_factors,
-    reject_dtensor,
-    restore_state_dtypes,
-    state_dtype,
     update_factors_,
+)
+from lm_opt.optim.state import (
+    FP32StateMixin,
+    closure_loss,
+    params_with_grad,
+    reject_dtensor,
+    state_dtype,
 )
 
 GRAFTINGS = ("adam", "none")
@@ -49,7 +54,7 @@ def graft(direction: Tensor, magnitude: Tensor) -> Tensor:
     return direction * scale
 
 
-class Shampoo(Optimizer):
+class Shampoo(FP32StateMixin, Optimizer):
     r"""Shampoo with momentum and layer-wise Adam grafting.
 
     From "Shampoo: Preconditioned Stochastic Tensor Optimization" (Gupta et al. 2018,
@@ -140,9 +145,12 @@ class Shampoo(Optimizer):
             grafting=grafting,
         )
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                reject_dtensor(p, "Shampoo")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, refusing sharded (``DTensor``) parameters."""
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            reject_dtensor(p, "Shampoo", SHARDING_REASON)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -154,17 +162,9 @@ class Shampoo(Optimizer):
         Returns:
             The loss returned by ``closure``, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Shampoo does not support sparse gradients")
+            for p in params_with_grad(group, "Shampoo"):
                 state = self.state[p]
                 grad = p.grad.to(state_dtype(p))
                 if not state:
@@ -198,7 +198,6 @@ class Shampoo(Optimizer):
 
     def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """Zero moments and factors; the roots are computed on the first step."""
-        reject_dtensor(p, "Shampoo")
         state = self.state[p]
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(grad)
@@ -209,8 +208,3 @@ class Shampoo(Optimizer):
             factors = [None] * p.dim()
         state["GG"] = factors
         state["precond"] = [None] * p.dim()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping float32 state for bf16/fp16 parameters."""
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lm_opt.optim.kronecker import (
+    SHARDING_REASON,
     apply_update_,
     check_hyperparameters,
     contract,
@@ -15,10 +16,15 @@ from lm_opt.optim.kronecker import (
     factor_beta,
     init_factors,
     refresh_eigenbasis,
-    reject_dtensor,
-    restore_state_dtypes,
-    state_dtype,
     update_factors_,
+)
+from lm_opt.optim.state import (
+    FP32StateMixin,
+    closure_loss,
+    group_of,
+    params_with_grad,
+    reject_dtensor,
+    state_dtype,
 )
 
 DATA_FORMATS = ("channels_first", "channels_last")
@@ -76,7 +82,7 @@ def rms(x: Tensor) -> Tensor:
     return x.square().mean().sqrt() + 1e-30
 
 
-class SOAP(Optimizer):
+class SOAP(FP32StateMixin, Optimizer):
     r"""SOAP: ShampoO with Adam in the Preconditioner's eigenbasis.
 
     From "SOAP: Improving and Stabilizing Shampoo using Adam" (Vyas et al. 2024,
@@ -174,9 +180,12 @@ class SOAP(Optimizer):
             correct_bias=correct_bias,
         )
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                reject_dtensor(p, "SOAP")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, refusing sharded (``DTensor``) parameters."""
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            reject_dtensor(p, "SOAP", SHARDING_REASON)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -188,17 +197,9 @@ class SOAP(Optimizer):
         Returns:
             The loss returned by ``closure``, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
+        loss = closure_loss(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SOAP does not support sparse gradients")
+            for p in params_with_grad(group, "SOAP"):
                 state = self.state[p]
                 grad = to_precond_layout(p.grad.to(state_dtype(p)), group)
                 if not state:
@@ -233,7 +234,6 @@ class SOAP(Optimizer):
 
     def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """First step: statistics from this gradient and their ``eigh`` bases, no update."""
-        reject_dtensor(p, "SOAP")
         state = self.state[p]
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(grad)
@@ -273,15 +273,10 @@ class SOAP(Optimizer):
         state = self.state.get(p)
         if not state or state["step"] == 0:
             return None
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        group = group_of(self, p)
         denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
         lr = soap_step_size(group, state["step"]) / denom
         if group["normalize_grads"]:
             # The bases are orthonormal, so the RMS is the same in either basis.
             lr.div_(rms(state["exp_avg"] / denom))
         return lr
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping float32 state for bf16/fp16 parameters."""
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)

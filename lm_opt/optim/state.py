@@ -1,0 +1,153 @@
+"""What the optimizers of `lm_opt.optim` share around their math.
+
+float32 state for bf16/fp16 parameters (and a `load_state_dict` that keeps it), the
+argument checks of the AdamW-shaped constructors, the closure, the walk over the
+parameters that have a gradient, the foreach choice, and the refusal of sharded
+(`DTensor`) parameters by optimizers that need whole-tensor statistics.
+"""
+
+import sys
+from collections.abc import Callable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 parameters, the parameter's own dtype otherwise."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def check_args(
+    *,
+    lr: float | None = None,
+    betas: tuple[float, ...] | None = None,
+    eps: float | None = None,
+    weight_decay: float | None = None,
+    momentum: float | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first invalid argument; None skips a check.
+
+    ``not x >= 0`` rather than ``x < 0`` so that NaN is refused too.
+    """
+    if lr is not None and not lr >= 0.0:
+        raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+    if betas is not None:
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas} (must be a pair)")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid betas[{i}]: {beta} (must be in [0, 1))")
+    if momentum is not None and not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
+    if eps is not None and not eps > 0.0:
+        raise ValueError(f"Invalid eps: {eps} (must be > 0)")
+    if weight_decay is not None and not weight_decay >= 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+
+
+def reject_dtensor(param: Tensor, optimizer_name: str, reason: str) -> None:
+    """Raise ``RuntimeError`` if ``param`` is a ``DTensor`` (an FSDP2 shard).
+
+    For optimizers whose statistics span the whole tensor: on a shard they would
+    silently precondition each shard with its own statistics.
+    """
+    # A DTensor can only exist once its module is loaded; importing it here would cost
+    # about a second to every process that never shards anything.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(param, dtensor.DTensor):
+        raise RuntimeError(
+            f"{optimizer_name} does not support FSDP/DTensor-sharded parameters: {reason} "
+            f"(got a DTensor parameter of shape {tuple(param.shape)}). Gather the parameter "
+            "(e.g. train with DDP) or route it to an elementwise optimizer."
+        )
+
+
+def closure_loss(closure: Callable[[], float] | None) -> float | None:
+    """Evaluate ``closure`` with gradients enabled (``step`` runs under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def params_with_grad(group: dict[str, Any], optimizer_name: str) -> list[Tensor]:
+    """The parameters of ``group`` that have a gradient; sparse gradients are refused."""
+    params = []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{optimizer_name} does not support sparse gradients")
+        params.append(p)
+    return params
+
+
+def zeros_state(optimizer: Optimizer, params: list[Tensor], key: str) -> list[Tensor]:
+    """Each parameter's ``state[key]``, created on first use as zeros in :func:`state_dtype`."""
+    buffers = []
+    for p in params:
+        state = optimizer.state[p]
+        if key not in state:
+            state[key] = torch.zeros_like(
+                p, dtype=state_dtype(p), memory_format=torch.preserve_format
+            )
+        buffers.append(state[key])
+    return buffers
+
+
+def use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
+    """``group["foreach"]``, or where it is None: whether ``params`` share one device."""
+    if group["foreach"] is not None:
+        return group["foreach"]
+    return len({p.device for p in params}) == 1
+
+
+def copy_back_(params: list[Tensor], work: list[Tensor]) -> None:
+    """Write updates computed in the state's dtype back into low-precision parameters."""
+    cast = [(p, w) for p, w in zip(params, work) if w is not p]
+    if cast:
+        torch._foreach_copy_([p for p, _ in cast], [w for _, w in cast])
+
+
+def group_of(optimizer: Optimizer, param: Tensor) -> dict[str, Any]:
+    """The param group that holds ``param``."""
+    return next(g for g in optimizer.param_groups if any(q is param for q in g["params"]))
+
+
+def _copy_state(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device=device, copy=True)
+    if isinstance(value, dict):
+        return {k: _copy_state(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_state(v, device) for v in value)
+    return value
+
+
+class FP32StateMixin:
+    """``load_state_dict`` that keeps float32 state for bf16/fp16 parameters.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor
+    (but ``step``) to its parameter's dtype, which would round float32 moments, factors
+    and bases to bf16. For such parameters the saved state is copied in again as it was
+    saved (nested lists included), on the parameter's device; ``step`` is left as torch
+    placed it. Put it before ``Optimizer`` in the bases.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping the saved dtypes of low-precision parameters' state."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for param_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(param_id)
+            if saved is None or state_dtype(p) == p.dtype:
+                continue
+            state = self.state[p]
+            for key, value in saved.items():
+                if key != "step":
+                    state[key] = _copy_state(value, p.device)
