@@ -83,6 +83,9 @@ class EffectiveLRQuantiles(L.Callback):
                 for q, value in zip(QUANTILES, quantiles(rows)):
                     metrics[f"eff_lr/{name}/rows/q{round(q * 100)}"] = value
             if self.histograms and isinstance(pl_module.logger, TensorBoardLogger) and trainer.is_global_zero:
-                pl_module.logger.experiment.add_histogram(f"eff_lr/{name}", eff.detach().float().cpu(), step)
-        if metrics:
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+                pl_module.logger.experiment.add_histogram(f"eff_lr/{name}", eff.detach().float().cpu(), step - 1)
+        # Straight to the loggers, at the index of the step just taken (as train/loss): Lightning's
+        # self.log would repeat the cached values at later steps.
+        if metrics and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({k: v.item() for k, v in metrics.items()}, step=step - 1)
