@@ -42,6 +42,9 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 100,
     "check_val_every_n_epoch": None,
     "log_every_n_steps": 10,
+    # The data module shards both splits across ranks itself; a DistributedSampler would split
+    # the validation set again and pad it with repeated sequences.
+    "use_distributed_sampler": False,
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "logs", "name": "default", "version": ""},

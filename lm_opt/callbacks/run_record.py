@@ -33,6 +33,7 @@ class RunRecord(SaveConfigCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.log_dir = trainer.log_dir  # a collective under DDP: read it here, on every rank
         self.start_time = time.time()
         self.best_val_loss = math.inf
         self.final_val_loss = math.nan
@@ -55,7 +56,7 @@ class RunRecord(SaveConfigCallback):
         self.write_summary(trainer, pl_module, {"status": status, "error": f"{type(exception).__name__}: {exception}"})
 
     def write_summary(self, trainer: L.Trainer, pl_module: L.LightningModule, status: dict[str, Any]) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None or not hasattr(self, "start_time"):
+        if not trainer.is_global_zero or getattr(self, "log_dir", None) is None:
             return
         steps = trainer.global_step
         summary = {
@@ -70,4 +71,4 @@ class RunRecord(SaveConfigCallback):
             "config": self.parser.dump(self.config, format="json", skip_none=False),
         }
         summary["config"] = json.loads(summary["config"])
-        write_json_atomic(Path(trainer.log_dir) / SUMMARY_FILE, summary)
+        write_json_atomic(Path(self.log_dir) / SUMMARY_FILE, summary)

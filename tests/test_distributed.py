@@ -1,0 +1,59 @@
+"""Two CPU processes under Lightning DDP (gloo) against one process on the same data."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import scalars, summary, tiny_args
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+
+
+def run(*args: str) -> None:
+    """`python -m lm_opt ...` in a subprocess: Lightning's DDP launcher re-runs the command per rank."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    result = subprocess.run([sys.executable, "-m", "lm_opt", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def ddp(devices: int = 2) -> tuple[str, ...]:
+    return ("--trainer.strategy", "ddp", "--trainer.devices", str(devices))
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+def test_ddp_routed_training_matches_one_process_accumulating_the_same_batches(tmp_path):
+    """Rank r of 2 reads part r of the stream; one process with 2 DataLoader workers reads the
+    same two parts in turn, so accumulating 2 micro-batches sees the batches of both ranks."""
+    routed = ("--config", "configs/optim/sgd_adalayer_last_norm.yaml")
+    run(*tiny_args(tmp_path, "ddp", 4, *routed, *ddp()))
+    run(*tiny_args(tmp_path, "single", 4, *routed, "--data.num_workers", "2",
+                   "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "8"))
+    ddp_run, single = summary(tmp_path / "ddp"), summary(tmp_path / "single")
+    assert ddp_run["status"] == single["status"] == "finished"
+    assert ddp_run["tokens"] == single["tokens"] == 4 * 2 * 4 * 32
+    assert ddp_run["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-5)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
+    run(*tiny_args(tmp_path, "train", 2))
+    ckpt = str(tmp_path / "train" / "checkpoints" / "last.ckpt")
+    validate = ["validate" if a == "fit" else a for a in tiny_args(tmp_path, "v1", 2)]
+    run(*validate, "--ckpt_path", ckpt)
+    validate2 = ["validate" if a == "fit" else a for a in tiny_args(tmp_path, "v2", 2)]
+    run(*validate2, *ddp(), "--ckpt_path", ckpt, "--data.val_sequences", "7")  # ranks hold 4 and 3
+    run(*validate, "--ckpt_path", ckpt, "--data.val_sequences", "7", "--trainer.logger.init_args.name", "v7")
+    one, two = scalars(tmp_path / "v7", "val/loss"), scalars(tmp_path / "v2", "val/loss")
+    assert list(one.values()) == pytest.approx(list(two.values()), rel=1e-6)
+    assert scalars(tmp_path / "v1", "val/loss")
