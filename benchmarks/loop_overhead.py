@@ -83,7 +83,7 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip", type=int, default=10, help="warmup steps not timed")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=128)
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
