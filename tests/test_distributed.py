@@ -57,3 +57,56 @@ def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
     one, two = scalars(tmp_path / "v7", "val/loss"), scalars(tmp_path / "v2", "val/loss")
     assert list(one.values()) == pytest.approx(list(two.values()), rel=1e-6)
     assert scalars(tmp_path / "v1", "val/loss")
+
+
+OPTIM_CONFIGS = sorted((ROOT / "configs" / "optim").glob("*.yaml"))
+
+
+def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 3) -> dict[str, torch.Tensor]:
+    """A few steps of the tiny model with the config's optimizer on a global batch of two halves.
+
+    Under DDP rank r computes the gradient of half r and DDP averages them: g0/2 + g1/2. Alone,
+    the process accumulates the two halves with their losses halved: the same sums, in the same
+    order, so the results must agree to the bit, whatever the optimizer does with them.
+    """
+    import yaml
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lm_opt.callbacks.optimizer import OptimizerCallback
+    from lm_opt.model import GPT, ModelConfig, lm_loss
+
+    torch.set_num_threads(1)  # the same kernels, so the same rounding, in every process
+    init_args = yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"]
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("tiny", n_layer=1))
+    optimizer = OptimizerCallback(**init_args).build(model)
+    forward = DistributedDataParallel(model) if world_size > 1 else model
+    halves = [rank] if world_size > 1 else [0, 1]
+    for step in range(steps):
+        tokens = torch.randint(0, 2000, (4, 17), generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        for half in halves:
+            part = tokens[2 * half:2 * half + 2]
+            ce, z = lm_loss(forward(part[:, :-1]), part[:, 1:], model.config.z_loss)
+            ((ce + z) / len(halves)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    for config in OPTIM_CONFIGS:
+        params = train_routed(config, rank, world_size=2)
+        if rank == 0:
+            torch.save(params, Path(out_dir) / f"{config.stem}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_every_optimizer_gives_the_same_result_under_ddp_as_on_one_process(tmp_path):
+    torch.multiprocessing.spawn(ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for config in OPTIM_CONFIGS:
+        single = train_routed(config)
+        distributed = torch.load(tmp_path / f"{config.stem}.pt")
+        for name, value in single.items():
+            assert torch.equal(distributed[name], value), f"{config.stem}: {name} differs under DDP"
