@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lm_opt.callbacks.divergence import Diverged
 
@@ -28,7 +29,7 @@ class RunRecord(SaveConfigCallback):
     steps, tokens, wall time and the full config.
 
     Status is `finished`, `diverged` (with what the divergence callback recorded),
-    `interrupted` (Ctrl-C) or `failed` (an exception, with its message).
+    `interrupted` (Ctrl-C or SIGTERM) or `failed` (an exception, with its message).
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -52,7 +53,8 @@ class RunRecord(SaveConfigCallback):
         if isinstance(exception, Diverged):
             self.write_summary(trainer, pl_module, exception.status)
             return
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        # Ctrl-C, or SIGTERM (a cluster pre-empting the job): the run can resume from last.ckpt.
+        status = "interrupted" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
         self.write_summary(trainer, pl_module, {"status": status, "error": f"{type(exception).__name__}: {exception}"})
 
     def write_summary(self, trainer: L.Trainer, pl_module: L.LightningModule, status: dict[str, Any]) -> None:

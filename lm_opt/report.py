@@ -1,0 +1,236 @@
+"""`python -m lm_opt report SWEEP_DIR [--margin 0.05]`: a sweep's table, plots and stability.
+
+Reads the point folders alone: each one's `point.json` (optimizer and swept values, written by
+`sweep`) and `summary.json` (written by the run). A folder with only a `summary.json` (a run
+made by hand) counts as a point of its first optimizer's class at its lr. Writes `results.csv`,
+`results.md` and one `plot_<axis>.png` per swept axis: final validation loss against the
+swept value, one line per optimizer and per value of the other axes (e.g. qk_norm), the best
+point of each line a star, diverged points an x at the top of the axes.
+
+Stability (after the study's Fig. 1): the range of the swept value whose final loss lies
+within `margin` nats of the line's best, and its width in decades.
+"""
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lm_opt.sweep import format_value, short_name
+
+FIELDS = ("final_val_loss", "best_val_loss", "status", "steps", "max_steps", "tokens", "wall_time_s", "error")
+
+
+def show(value: Any) -> str:
+    """A swept value for tables and legends; a paired axis' mapping as `qk_norm=false, z_loss=0`."""
+    if isinstance(value, dict):
+        return ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in value.items())
+    return format_value(value)
+
+
+def read_point(run_dir: Path) -> dict | None:
+    """One row: point, optimizer, swept values and the run's summary (status `incomplete` or
+    `not run` where there is none)."""
+    point_file, summary_file = run_dir / "point.json", run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if point_file.is_file():
+        point = json.loads(point_file.read_text())
+    elif summary:
+        point = infer_point(run_dir.name, summary.get("config") or {})
+    else:
+        return None
+    launched = (run_dir / "config.yaml").is_file() or (run_dir / "fit.log").is_file()
+    status = summary.get("status") or ("incomplete" if launched else "not run")
+    row = {"point": point["name"], "optimizer": point["optimizer"], "values": point["values"],
+           "shared": point.get("shared", []), "sweep": point.get("sweep", run_dir.parent.name)}
+    row.update({k: summary.get(k) for k in FIELDS}, status=status)
+    return row
+
+
+def infer_point(name: str, config: dict) -> dict:
+    """Optimizer class and lr of a run's first route, from the config in its summary."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    args = next((c.get("init_args") or {} for c in callbacks
+                 if str(c.get("class_path")).endswith("OptimizerCallback")), {})
+    optimizer = args.get("optimizer") or ((args.get("routes") or [{}])[0]).get("optimizer") or {}
+    label = str(optimizer.get("class_path", "unknown")).rpartition(".")[2]
+    lr = (optimizer.get("init_args") or {}).get("lr")
+    return {"name": name, "optimizer": label, "values": {} if lr is None else {"lr": lr}}
+
+
+def load_rows(sweep_dir: Path) -> list[dict]:
+    """The points, ordered by optimizer, line and swept value."""
+    rows = [read_point(d) for d in sorted(Path(sweep_dir).iterdir()) if d.is_dir()]
+    rows = [r for r in rows if r is not None]
+
+    def order(row: dict) -> tuple:
+        x = row["values"].get(x_axis(row))
+        return (*series_key(row), (0, x, "") if numeric(x) else (1, 0, str(x)))
+
+    return sorted(rows, key=order)
+
+
+def axes_of(rows: list[dict]) -> list[str]:
+    """Every swept axis, in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r["values"]))
+
+
+def x_axis(row: dict) -> str | None:
+    """The axis a row is plotted against: its optimizer's first own axis, else the first shared."""
+    own = [k for k in row["values"] if k not in row["shared"]]
+    return (own or list(row["values"]) or [None])[0]
+
+
+def series_key(row: dict) -> tuple[str, str]:
+    """(optimizer, the other axes' values): one line of a plot, one row of the stability table."""
+    x = x_axis(row)
+    rest = "; ".join(show(v) if isinstance(v, dict) else f"{k}={show(v)}" for k, v in row["values"].items() if k != x)
+    return row["optimizer"], rest
+
+
+def numeric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def stability(rows: list[dict], margin: float) -> list[dict]:
+    """Per line: the best point and the range of the swept value within `margin` of its final loss."""
+    out = []
+    for key in dict.fromkeys(series_key(r) for r in rows):
+        line = [r for r in rows if series_key(r) == key]
+        x = x_axis(line[0])
+        ok = [r for r in line if r["status"] == "finished" and r["final_val_loss"] is not None]
+        entry = {"optimizer": key[0], "condition": key[1], "axis": x, "points": len(line), "finished": len(ok)}
+        if ok:
+            best = min(ok, key=lambda r: r["final_val_loss"])
+            near = [r["values"].get(x) for r in ok if r["final_val_loss"] <= best["final_val_loss"] + margin]
+            entry.update(best_point=best["point"], best_x=best["values"].get(x), best_loss=best["final_val_loss"],
+                         within=len(near))
+            if near and all(numeric(v) for v in near):
+                lo, hi = min(near), max(near)
+                entry.update(low=lo, high=hi, decades=math.log10(hi / lo) if lo > 0 else None)
+        out.append(entry)
+    return out
+
+
+def number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    axes = axes_of(rows)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["point", "optimizer", *axes, *FIELDS])
+        for r in rows:
+            values = [json.dumps(v) if isinstance(v, dict) else v for v in (r["values"].get(a, "") for a in axes)]
+            writer.writerow([r["point"], r["optimizer"], *values, *(r.get(k) for k in FIELDS)])
+
+
+def markdown(rows: list[dict], stable: list[dict], plots: list[Path], margin: float) -> str:
+    axes = axes_of(rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+    best = {(s["optimizer"], s["condition"]): s.get("best_point") for s in stable}
+    lines = [f"# Sweep {rows[0]['sweep']}", "",
+             f"{len(rows)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
+             "", "| point | optimizer | " + " | ".join(axes) + " | final val loss | best val loss | status | steps "
+             "| tokens | wall time (s) |", "|" + " --- |" * (len(axes) + 8)]
+    for r in rows:
+        mark = "**" if best.get(series_key(r)) == r["point"] else ""
+        cells = [r["point"], r["optimizer"], *(show(r["values"][a]) if a in r["values"] else "" for a in axes),
+                 f"{mark}{number(r['final_val_loss'])}{mark}", number(r["best_val_loss"]), r["status"],
+                 f"{number(r['steps'])}/{number(r['max_steps'])}", number(r["tokens"]), number(r["wall_time_s"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"## Stability: swept values within {margin} nats of each line's best final val loss", "",
+              "| optimizer | condition | axis | best value | best loss | range within margin | width (decades) "
+              "| points within / finished / all |", "|" + " --- |" * 8]
+    for s in stable:
+        span = f"{show(s['low'])} .. {show(s['high'])}" if "low" in s else ""
+        decades = "" if s.get("decades") is None else f"{s['decades']:.1f}"
+        lines.append(f"| {s['optimizer']} | {s['condition']} | {s['axis']} | {show(s.get('best_x', ''))} "
+                     f"| {number(s.get('best_loss'))} | {span} | {decades} "
+                     f"| {s.get('within', 0)} / {s['finished']} / {s['points']} |")
+    problems = [r for r in rows if r["status"] not in ("finished", "diverged")]
+    if problems:
+        lines += ["", "## Not finished", ""] + [
+            f"- {r['point']}: {r['status']}" + (f": {r['error']}" if r["error"] else "")
+            + f" (log: {r['point']}/fit.log)" for r in problems]
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], axis: str, path: Path) -> bool:
+    """Final val loss against `axis` (log scale over more than a decade); False if nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    rows = [r for r in rows if x_axis(r) == axis and numeric(r["values"].get(axis))
+            and r["status"] in ("finished", "diverged")]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    colors = {o: f"C{i % 10}" for i, o in enumerate(dict.fromkeys(r["optimizer"] for r in rows))}
+    styles = {c: ("-", "--", ":", "-.")[i % 4] for i, c in enumerate(dict.fromkeys(series_key(r)[1] for r in rows))}
+    for optimizer, condition in dict.fromkeys(series_key(r) for r in rows):
+        line = sorted((r for r in rows if series_key(r) == (optimizer, condition)), key=lambda r: r["values"][axis])
+        ok = [r for r in line if r["status"] == "finished" and r["final_val_loss"] is not None]
+        diverged = [r["values"][axis] for r in line if r["status"] == "diverged"]
+        if not ok and not diverged:
+            continue
+        color, label = colors[optimizer], optimizer + (f" ({condition})" if condition else "")
+        ax.plot([r["values"][axis] for r in ok], [r["final_val_loss"] for r in ok], styles[condition],
+                color=color, marker="o", ms=4, label=label)
+        if ok:
+            best = min(ok, key=lambda r: r["final_val_loss"])
+            ax.plot(best["values"][axis], best["final_val_loss"], "*", color=color, ms=15, mec="black", zorder=3)
+        ax.plot(diverged, [0.97] * len(diverged), "x", color=color, ms=9, mew=2, transform=top, clip_on=False)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.08 * (high - low))  # room for the diverged marks
+    xs = [r["values"][axis] for r in rows]
+    if min(xs) > 0 and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+    ax.set(xlabel=axis, ylabel="final validation loss",
+           title=f"{rows[0]['sweep']}: star = best per line, x at top = diverged")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(sweep_dir: str | Path, margin: float = 0.05) -> Path:
+    """Write results.csv, results.md and the plots into `sweep_dir`; returns results.md."""
+    sweep_dir = Path(sweep_dir)
+    rows = load_rows(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(f"{sweep_dir} holds no point folders (point.json or summary.json)")
+    write_csv(rows, sweep_dir / "results.csv")
+    plots = []
+    for axis in dict.fromkeys(x_axis(r) for r in rows if x_axis(r)):
+        path = sweep_dir / f"plot_{format_value(axis)}.png"
+        if plot(rows, axis, path):
+            plots.append(path)
+    stable = stability(rows, margin)
+    (sweep_dir / "results.md").write_text(markdown(rows, stable, plots, margin))
+    print(f"report: {sweep_dir / 'results.md'}, results.csv, " + ", ".join(p.name for p in plots))
+    return sweep_dir / "results.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lm_opt report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", help="a sweep's out_dir, e.g. logs/sweeps/tiny_cpu")
+    parser.add_argument("--margin", type=float, default=0.05, help="nats above the best loss that count as stable")
+    args = parser.parse_args(argv)
+    try:
+        write_report(args.sweep_dir, args.margin)
+    except FileNotFoundError as err:
+        parser.error(str(err))

@@ -1,0 +1,102 @@
+"""`python -m lm_opt report`: table, plots and stability, rebuilt from point folders alone."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lm_opt.report import main, stability, load_rows
+
+PAIRED_ON = {"model.qk_norm": True, "model.z_loss": 1e-4}
+
+
+def point(sweep_dir: Path, name: str, optimizer: str, values: dict, status: str | None,
+          loss: float | None = None, shared: tuple = ()) -> Path:
+    """A point folder as `sweep` and a run leave it; no summary where `status` is None."""
+    run = sweep_dir / name
+    run.mkdir(parents=True)
+    (run / "point.json").write_text(json.dumps({"sweep": "synthetic", "name": name, "optimizer": optimizer,
+                                                "values": values, "shared": list(shared)}))
+    (run / "fit.log").write_text("")
+    if status is not None:
+        summary = {"status": status, "final_val_loss": loss, "best_val_loss": loss, "steps": 10, "max_steps": 10,
+                   "tokens": 640, "wall_time_s": 1.5, "config": {}}
+        if status == "failed":
+            summary["error"] = "RuntimeError: boom"
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    """adamw: flat within 0.05 over 1e-3..1e-2, diverged at 1; sgd: one failed, one never summarised."""
+    for lr, loss, status in [(1e-4, 5.0, "finished"), (1e-3, 4.04, "finished"), (3.16e-3, 4.0, "finished"),
+                             (1e-2, 4.03, "finished"), (1e-1, 4.5, "finished"), (1.0, 9.0, "diverged")]:
+        point(tmp_path, f"adamw_lr{lr:.2e}", "adamw", {"lr": lr}, status, loss)
+    point(tmp_path, "sgd_lr1", "sgd", {"lr": 1.0}, "finished", 6.0)
+    point(tmp_path, "sgd_lr10", "sgd", {"lr": 10.0}, "failed")
+    point(tmp_path, "sgd_lr100", "sgd", {"lr": 100.0}, None)
+    return tmp_path
+
+
+def test_stability_is_the_lr_range_within_the_margin_of_the_best(sweep_dir):
+    rows = load_rows(sweep_dir)
+    by_optimizer = {s["optimizer"]: s for s in stability(rows, margin=0.05)}
+    adamw = by_optimizer["adamw"]
+    assert adamw["best_x"] == 3.16e-3 and adamw["best_loss"] == 4.0
+    assert (adamw["low"], adamw["high"]) == (1e-3, 1e-2)
+    assert adamw["decades"] == pytest.approx(1.0)
+    assert (adamw["within"], adamw["finished"], adamw["points"]) == (3, 5, 6)
+    wide = {s["optimizer"]: s for s in stability(rows, margin=0.6)}["adamw"]
+    assert (wide["low"], wide["high"]) == (1e-3, 1e-1)  # the diverged lr never counts as stable
+    assert by_optimizer["sgd"]["decades"] == 0.0
+
+
+def test_report_writes_csv_markdown_and_plot(sweep_dir):
+    main([str(sweep_dir), "--margin", "0.05"])
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    assert len(rows) == 9
+    status = {r["point"]: r["status"] for r in rows}
+    assert status["adamw_lr1.00e+00"] == "diverged"
+    assert status["sgd_lr10"] == "failed" and status["sgd_lr100"] == "incomplete"
+    assert {"optimizer", "lr", "final_val_loss", "best_val_loss", "steps", "tokens", "wall_time_s"} <= set(rows[0])
+    md = (sweep_dir / "results.md").read_text()
+    assert "| adamw |  | lr | 3.16e-03 | 4.0000 | 1.00e-03 .. 0.01 | 1.0 | 3 / 5 / 6 |" in md
+    assert "**4.0000**" in md  # the best point of its line
+    assert "sgd_lr10: failed: RuntimeError: boom" in md and "sgd_lr100: incomplete" in md
+    png = sweep_dir / "plot_lr.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![plot_lr](plot_lr.png)" in md
+
+
+def test_one_line_per_value_of_the_shared_axis(tmp_path):
+    paired_off = {"model.qk_norm": False, "model.z_loss": 0.0}
+    for lr in (1e-3, 1e-2):
+        for on, paired in ((1, PAIRED_ON), (0, paired_off)):
+            point(tmp_path, f"lion_lr{lr}_{on}", "lion", {"lr": lr, "qkz": paired}, "finished",
+                  3.0 + on + lr, shared=("qkz",))
+    stable = stability(load_rows(tmp_path), margin=0.05)
+    assert sorted(s["condition"] for s in stable) == ["qk_norm=false, z_loss=0", "qk_norm=true, z_loss=1.00e-04"]
+    assert all(s["best_x"] == 1e-3 for s in stable)
+    main([str(tmp_path)])
+    assert (tmp_path / "plot_lr.png").is_file()
+
+
+def test_a_run_folder_without_point_json_reports_its_optimizer_and_lr(tmp_path):
+    run = tmp_path / "by_hand"
+    run.mkdir()
+    lion = {"class_path": "lm_opt.optim.Lion", "init_args": {"lr": 3e-4}}
+    config = {"trainer": {"callbacks": [{"class_path": "lm_opt.callbacks.OptimizerCallback",
+                                         "init_args": {"optimizer": None, "routes": [{"optimizer": lion}]}}]}}
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 4.2, "config": config}))
+    (row,) = load_rows(tmp_path)
+    assert (row["optimizer"], row["values"], row["status"]) == ("Lion", {"lr": 3e-4}, "finished")
+    assert math.isclose(row["final_val_loss"], 4.2)
+
+
+def test_an_empty_folder_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "no point folders" in capsys.readouterr().err

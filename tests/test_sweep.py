@@ -1,0 +1,228 @@
+"""`python -m lm_opt sweep`: points and their commands, checks before launch, a micro-sweep on
+the tiny preset that is killed and resumed, crash reporting and the Slurm script."""
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lm_opt import report, sweep
+
+SWEEPS = sorted(Path("configs/sweeps").glob("*.yaml"))
+TINY = {"data.seq_len": 32, "data.batch_size": 4, "data.val_sequences": 8, "data.num_workers": 0,
+        "trainer.max_steps": 6, "trainer.val_check_interval": 2, "trainer.log_every_n_steps": 1,
+        "trainer.enable_progress_bar": False}
+
+
+def write_spec(tmp_path: Path, **changes) -> Path:
+    """A 2 x 2 micro-sweep (AdamW, Signum x two lrs) of a few tiny steps, with `changes` on top."""
+    spec = {"name": "micro", "out_dir": str(tmp_path / "out"), "base": ["configs/quickstart.yaml"],
+            "optimizers": {"adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [1e-3, 1e-2]}},
+                           "signum": {"config": "configs/optim/signum.yaml", "grid": {"lr": [1e-4, 1e-3]}}},
+            "overrides": dict(TINY)}
+    spec.update(changes)
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"launched {args}")
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", refuse)
+
+
+def test_points_cross_each_optimizer_grid_with_the_shared_grid():
+    points = sweep.plan(sweep.load_spec("configs/sweeps/lr_150m.yaml"))
+    assert len(points) == 6 * 9 * 2
+    p = next(p for p in points if p.name == "lion_lr3.16e-04_qk_norm-false_z_loss0")
+    assert p.values == {"lr": 3.16e-4, "qk_norm+z_loss": {"model.qk_norm": False, "model.z_loss": 0.0}}
+    assert p.optimizer_yaml["trainer"]["callbacks"][0]["init_args"]["optimizer"]["init_args"]["lr"] == 3.16e-4
+    args = " ".join(p.fit_args())
+    assert ("--config configs/150m.yaml "
+            "--config logs/sweeps/lr_150m/lion_lr3.16e-04_qk_norm-false_z_loss0/optimizer.yaml") in args
+    assert "--model.qk_norm false --model.z_loss 0.0" in args
+    assert args.endswith("--trainer.logger.init_args.save_dir logs/sweeps/lr_150m "
+                         "--trainer.logger.init_args.name lion_lr3.16e-04_qk_norm-false_z_loss0")
+
+
+def test_beta1_sets_betas0_or_the_momentum():
+    points = {p.name: p for p in sweep.plan(sweep.load_spec("configs/sweeps/beta1_150m.yaml"))}
+    assert len(points) == 6 * 7 * 2
+
+    def init_args(name):
+        return points[name].optimizer_yaml["trainer"]["callbacks"][0]["init_args"]["optimizer"]["init_args"]
+
+    assert init_args("adamw_beta1-0.8_qk_norm-true_z_loss1.00e-04")["betas"] == [0.8, 0.95]
+    assert init_args("signum_beta1-0.5_qk_norm-true_z_loss1.00e-04")["momentum"] == 0.5
+    assert init_args("sgd_beta1-0_qk_norm-true_z_loss1.00e-04")["momentum"] == 0.0
+
+
+def test_a_route_key_sets_that_route_only(tmp_path):
+    spec = write_spec(tmp_path, optimizers={"sgd_ada": {"config": "configs/optim/sgd_adalayer_last_norm.yaml",
+                                                        "grid": {"routes.1.optimizer.init_args.lr": [0.1, 10.0]}}})
+    points = sweep.plan(sweep.load_spec(spec))
+    assert [p.name for p in points] == ["sgd_ada_lr0.1", "sgd_ada_lr10"]
+    routes = points[1].optimizer_yaml["trainer"]["callbacks"][0]["init_args"]["routes"]
+    assert (routes[0]["optimizer"]["init_args"]["lr"], routes[1]["optimizer"]["init_args"]["lr"]) == (3.16e-3, 10.0)
+
+
+@pytest.mark.parametrize("spec", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_shipped_sweeps_parse(spec):
+    """The first point of every optimizer of every shipped sweep parses as a `fit` command."""
+    points = sweep.plan(sweep.load_spec(spec))
+    for label in dict.fromkeys(p.optimizer for p in points):
+        sweep.validate(next(p for p in points if p.optimizer == label))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"optimisers": {}}, "unknown key(s) ['optimisers']"),
+    ({"optimizers": {"adamw": {"config": "configs/optim/adamw.yaml", "grdi": {}}}},
+     "optimizers.adamw: unknown key(s) ['grdi']"),
+    ({"optimizers": {"adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": []}}}}, "optimizers.adamw.grid.lr"),
+    ({"grid": {"model.qk_norm": []}}, "grid.model.qk_norm: needs a non-empty list"),
+    ({"base": ["configs/nope.yaml"]}, "base[0]: file 'configs/nope.yaml' does not exist"),
+    ({"optimizers": {"x": {"config": "configs/optim/nope.yaml"}}}, "optimizers.x.config"),
+    ({"grid": {"model.no_such_key": [1]}}, "point adamw_lr1.00e-03_no_such_key1"),
+    ({"grid": {"optimizer.init_args.betas.2": [0.5]}}, "index 2 is out of range"),
+    ({"optimizers": {"adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [-1.0]}}}},
+     "point adamw_lr--1: its optimizer cannot be built"),
+])
+def test_spec_errors_are_reported_before_anything_runs(tmp_path, capsys, no_launch, change, message):
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main([str(write_spec(tmp_path, **change))])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_crashed_points_are_reported_never_dropped(tmp_path):
+    points = sweep.plan(sweep.load_spec(write_spec(tmp_path)))[:3]
+    for p in points:
+        sweep.write_point(p, "micro")
+    summary = '{"status": "%s", "error": "RuntimeError: boom"}'
+    (points[0].run_dir / "command.sh").write_text("kill -9 $$\n")
+    (points[1].run_dir / "command.sh").write_text(
+        f"echo '{summary % 'failed'}' > {points[1].run_dir}/summary.json; exit 1\n")
+    (points[2].run_dir / "command.sh").write_text(f"echo '{summary % 'finished'}' > {points[2].run_dir}/summary.json\n")
+    results = sweep.execute(points, jobs=2)
+    assert results[points[0].name] == "exit code -9: no summary.json"
+    assert results[points[1].name] == "exit code 1: RuntimeError: boom"
+    assert results[points[2].name] is None
+    md = report.write_report(tmp_path / "out").read_text()
+    assert f"{points[0].name}: incomplete" in md and f"{points[1].name}: failed: RuntimeError: boom" in md
+
+
+def test_slurm_tasks_run_the_same_commands_as_local_execution(tmp_path, no_launch, monkeypatch):
+    spec = write_spec(tmp_path)
+    sweep.main([str(spec), "--slurm"])
+    out = tmp_path / "out"
+    script = (out / "sweep.sbatch").read_text()
+    points = sweep.plan(sweep.load_spec(spec))
+    assert "#SBATCH --array=0-3" in script and 'bash "$RUN/command.sh"' in script
+    for p in points:
+        assert str(p.run_dir.resolve()) in script
+        command = (p.run_dir / "command.sh").read_text()
+        assert f"--trainer.logger.init_args.name {p.name}" in command and "-m lm_opt fit" in command
+        assert json.loads((p.run_dir / "point.json").read_text())["values"] == p.values
+    # Task 2 runs the third point's command.sh.
+    monkeypatch.undo()
+    (points[2].run_dir / "command.sh").write_text("echo task ran > \"$(dirname \"$0\")/ran\"\n")
+    subprocess.run(["bash", str(out / "sweep.sbatch")], env=dict(os.environ, SLURM_ARRAY_TASK_ID="2"), check=True)
+    assert (points[2].run_dir / "ran").read_text() == "task ran\n"
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "the sweep ended before the second point started"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """The micro-sweep, its process group killed (-9) during the second point (after its first
+    checkpoint), then rerun."""
+    tmp = tmp_path_factory.mktemp("micro")
+    spec = write_spec(tmp)
+    names = [p.name for p in sweep.plan(sweep.load_spec(spec))]
+    out = tmp / "out"
+    with open(tmp / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lm_opt", "sweep", str(spec)], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(out / names[1] / "checkpoints" / "last.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_summary = (out / names[0] / "summary.json").read_bytes()
+    assert not (out / names[1] / "summary.json").exists()
+    stdout = io.StringIO()
+    with redirect_stdout(stdout):
+        sweep.main([str(spec)])
+    return {"spec": spec, "out": out, "names": names, "first_summary": first_summary, "stdout": stdout.getvalue()}
+
+
+@pytest.mark.slow
+def test_rerun_after_a_kill_finishes_only_the_missing_points(micro):
+    assert "1 points already done, 3 to run" in micro["stdout"]
+    assert f"start {micro['names'][1]} (resuming from last.ckpt)" in micro["stdout"]
+    assert (micro["out"] / micro["names"][0] / "summary.json").read_bytes() == micro["first_summary"]
+    for name in micro["names"]:
+        assert json.loads((micro["out"] / name / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_micro_sweep_writes_results_and_plot(micro):
+    rows = list(csv.DictReader(open(micro["out"] / "results.csv")))
+    assert sorted(r["point"] for r in rows) == sorted(micro["names"])
+    assert {r["optimizer"] for r in rows} == {"adamw", "signum"}
+    assert all(r["status"] == "finished" and float(r["final_val_loss"]) > 0 and r["steps"] == "6" for r in rows)
+    assert (micro["out"] / "plot_lr.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_sweep_launches_nothing(micro, no_launch, capsys):
+    sweep.main([str(micro["spec"])])
+    assert "4 points already done, 0 to run" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_report_rebuilds_from_the_run_folders_alone(micro, tmp_path):
+    copy = tmp_path / "copy"
+    for name in micro["names"]:
+        shutil.copytree(micro["out"] / name, copy / name, ignore=shutil.ignore_patterns("checkpoints", "events.*"))
+    report.main([str(copy)])
+    assert (copy / "results.csv").read_text() == (micro["out"] / "results.csv").read_text()
+    assert (copy / "plot_lr.png").is_file() and "## Stability" in (copy / "results.md").read_text()
+
+
+def test_concurrent_points_get_one_gpu_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "gpu_slots", lambda: ["3", "5"])
+    points = sweep.plan(sweep.load_spec(write_spec(tmp_path)))
+    for p in points:
+        sweep.write_point(p, "micro")
+        (p.run_dir / "command.sh").write_text(
+            f"echo $CUDA_VISIBLE_DEVICES > {p.run_dir}/gpu; sleep 0.5\n"
+            f"echo '{{\"status\": \"finished\"}}' > {p.run_dir}/summary.json\n")
+    assert not any(sweep.execute(points, jobs=4).values())
+    gpus = [(p.run_dir / "gpu").read_text().strip() for p in points]
+    assert set(gpus) == {"3", "5"} and gpus[0] != gpus[1]
+
+
+def test_dry_run_checks_and_lists_but_writes_and_runs_nothing(tmp_path, capsys, no_launch):
+    sweep.main([str(write_spec(tmp_path)), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "start  signum_lr1.00e-03" in out and "python -m lm_opt fit --config configs/quickstart.yaml" in out
+    assert not (tmp_path / "out").exists()
