@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lm_opt.sweep import format_value, short_name
+from lm_opt.sweep_plan import format_value, short_name
 
 FIELDS = ("final_val_loss", "best_val_loss", "status", "steps", "max_steps", "tokens", "wall_time_s", "error")
 

@@ -1,299 +1,31 @@
 """`python -m lm_opt sweep SPEC [--jobs N] [--slurm] [--dry-run]`: a grid of ordinary `fit` runs.
 
-A spec (YAML) names `base` configs, `optimizers` (label -> optimizer YAML and its own grid),
-a shared `grid` crossed with every optimizer's grid, and `overrides`. Each point is one
-`python -m lm_opt fit` run in its own folder `out_dir/<point name>`, which holds the point's
-optimizer YAML (a copy of the optimizer's with the swept values), `command.sh` (run it to
-run, rerun or resume the point alone; local runs and Slurm tasks both run exactly it) and
-`point.json` (the swept values, for `report`). Every point's config is parsed before
-anything launches. A rerun skips finished and diverged points and resumes the others.
-
-Grid keys are dotted config keys (`model.qk_norm`, `trainer.max_steps`), or keys inside the
-optimizer YAML's OptimizerCallback: `optimizer.init_args.eps`, `routes.1.optimizer.init_args.lr`,
-and the shorthands `lr` and `beta1` (of the optimizer, or of its first route). A grid whose
-values are mappings is a paired axis: each value sets several keys together, e.g.
-`{model.qk_norm: false, model.z_loss: 0.0}`.
+Each point of the spec (planned and checked by `lm_opt.sweep_plan`) is one `python -m lm_opt
+fit` run in its own folder `out_dir/<point name>`, which holds the point's optimizer YAML (a
+copy of the optimizer's with the swept values), `command.sh` (run it to run, rerun or resume
+the point alone; local runs and Slurm tasks both run exactly it) and `point.json` (the swept
+values, for `report`). Every point's config is parsed before anything launches. A rerun skips
+finished and diverged points and resumes the others.
 """
 
 import argparse
-import copy
-import io
-import itertools
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "overrides")
-OPTIMIZER_KEYS = ("config", "grid")
+from lm_opt.report import write_report
+from lm_opt.sweep_plan import OPTIMIZER_YAML, Point, SpecError, load_spec, plan, validate
+
 DONE = ("finished", "diverged")
-OPTIMIZER_HEADS = ("optimizer", "routes")
-
-
-class SpecError(ValueError):
-    """A sweep spec that cannot run; raised before any point launches."""
-
-
-@dataclass
-class Axis:
-    name: str
-    """Short label in point names, reports and plots (`lr`, `beta1`, `qk_norm`)."""
-    values: list
-    """Scalars for one key; mappings of key -> value for a paired axis."""
-    key: str | None
-    """The dotted key this axis sets; None for a paired axis."""
-
-
-@dataclass
-class Point:
-    name: str
-    optimizer: str
-    values: dict[str, Any]
-    """Axis name -> value, the optimizer's axes first."""
-    shared: list[str]
-    """The axes that come from the shared grid."""
-    run_dir: Path
-    optimizer_yaml: dict
-    """The optimizer YAML with this point's values."""
-    base: list[str]
-    overrides: list[str]
-    """`--key value` arguments after the configs."""
-    resolved: dict = field(default_factory=dict)
-
-    def fit_args(self, optimizer_yaml: Path | None = None) -> list[str]:
-        """The `fit` arguments; the optimizer YAML is the point's own unless given."""
-        configs = [*self.base, str(optimizer_yaml or self.run_dir / OPTIMIZER_YAML)]
-        return ["fit", *(a for c in configs for a in ("--config", c)), *self.overrides,
-                "--trainer.logger.init_args.save_dir", str(self.run_dir.parent),
-                "--trainer.logger.init_args.name", self.name]
-
-
-OPTIMIZER_YAML = "optimizer.yaml"
-
-
-def _mapping(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise SpecError(f"{where} must be a mapping, got {value!r}")
-    return value
-
-
-def _check_keys(value: dict, allowed: tuple, where: str) -> None:
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        raise SpecError(f"{where}: unknown key(s) {unknown}; expected some of {list(allowed)}")
-
-
-def _existing_file(path: Any, where: str) -> str:
-    if not isinstance(path, str) or not Path(path).is_file():
-        raise SpecError(f"{where}: file {path!r} does not exist (paths are relative to the working directory)")
-    return path
-
-
-def load_spec(path: str | Path) -> dict:
-    """Read and check a spec; every error names the key it is about."""
-    if not Path(path).is_file():
-        raise SpecError(f"sweep spec {str(path)!r} does not exist")
-    spec = _mapping(yaml.safe_load(Path(path).read_text()), f"sweep spec {path}")
-    _check_keys(spec, SPEC_KEYS, f"sweep spec {path}")
-    name = spec.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name):
-        raise SpecError(f"sweep spec {path}: `name` must be a word like 'lr_150m', got {name!r}")
-    base = spec.get("base") or []
-    base = [base] if isinstance(base, str) else base
-    spec["base"] = [_existing_file(b, f"base[{i}]") for i, b in enumerate(base)]
-    spec["out_dir"] = Path(spec.get("out_dir") or Path("logs") / "sweeps" / name)
-    spec["grid"] = _check_grid(spec.get("grid") or {}, "grid")
-    spec["overrides"] = _mapping(spec.get("overrides") or {}, "overrides")
-    optimizers = _mapping(spec.get("optimizers"), "optimizers")
-    if not optimizers:
-        raise SpecError("optimizers: needs at least one optimizer")
-    for label, entry in optimizers.items():
-        where = f"optimizers.{label}"
-        if not re.fullmatch(r"[\w.+-]+", str(label)):
-            raise SpecError(f"{where}: an optimizer label must be a word (it starts folder names)")
-        _check_keys(_mapping(entry, where), OPTIMIZER_KEYS, where)
-        _existing_file(entry.get("config"), f"{where}.config")
-        entry["grid"] = _check_grid(entry.get("grid") or {}, f"{where}.grid")
-    return spec
-
-
-def _check_grid(grid: Any, where: str) -> dict:
-    for key, values in _mapping(grid, where).items():
-        if not isinstance(values, list) or not values:
-            raise SpecError(f"{where}.{key}: needs a non-empty list of values, got {values!r}")
-        kinds = {isinstance(v, dict) for v in values}
-        if kinds == {True} and not all(values):
-            raise SpecError(f"{where}.{key}: a paired axis needs non-empty mappings of key -> value")
-        if len(kinds) > 1:
-            raise SpecError(f"{where}.{key}: mixes mappings (a paired axis) and plain values")
-    return grid
-
-
-def short_name(key: str) -> str:
-    """`lr` for `routes.1.optimizer.init_args.lr`, `qk_norm` for `model.qk_norm`, `betas0` for `...betas.0`."""
-    parts = key.split(".")
-    return parts[-2] + parts[-1] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
-
-
-def axes_of(grid: dict) -> list[Axis]:
-    return [Axis(key, values, None) if isinstance(values[0], dict) else Axis(short_name(key), values, key)
-            for key, values in grid.items()]
-
-
-def format_value(value: Any) -> str:
-    """Compact and unambiguous: `3.16e-04`, `0.9`, `true`."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return "0" if value == 0 else f"{value:g}" if 1e-2 <= abs(value) < 1e3 else f"{value:.2e}"
-    if isinstance(value, dict):
-        return "_".join(fragment(short_name(k), v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "-".join(format_value(v) for v in value)
-    return re.sub(r"[^\w.+-]", "-", str(value))
-
-
-def fragment(name: str, value: Any) -> str:
-    """An axis' part of a point name: `lr3.16e-04`, `beta1-0.9`, `qk_norm-false`."""
-    text = format_value(value)
-    if isinstance(value, dict):
-        return text
-    glue = "" if name[-1].isalpha() and text[:1].isdigit() else "-"
-    return f"{name}{glue}{text}"
-
-
-def optimizer_path(key: str, init_args: dict, where: str) -> list | None:
-    """Where `key` lives inside the OptimizerCallback's init_args; None for an ordinary CLI key."""
-    first = ["optimizer"] if init_args.get("optimizer") is not None else ["routes", 0, "optimizer"]
-    if key == "lr":
-        return [*first, "init_args", "lr"]
-    if key == "beta1":
-        args = get_path(init_args, [*first, "init_args"], where)
-        if "betas" in args:
-            return [*first, "init_args", "betas", 0]
-        if "momentum" in args:
-            return [*first, "init_args", "momentum"]
-        raise SpecError(f"{where}: `beta1` needs `betas` or `momentum` in the optimizer's init_args, "
-                        f"found {sorted(args)}")
-    if key.split(".")[0] in OPTIMIZER_HEADS:
-        return [int(p) if p.isdigit() else p for p in key.split(".")]
-    return None
-
-
-def get_path(tree: Any, path: list, where: str) -> Any:
-    for i, part in enumerate(path):
-        try:
-            tree = tree[part]
-        except (KeyError, IndexError, TypeError):
-            raise SpecError(f"{where}: the optimizer YAML has no {'.'.join(map(str, path[:i + 1]))!r}") from None
-    return tree
-
-
-def set_path(tree: Any, path: list, value: Any, where: str) -> None:
-    parent = get_path(tree, path[:-1], where)
-    if isinstance(parent, list) and not (isinstance(path[-1], int) and path[-1] < len(parent)):
-        raise SpecError(f"{where}: index {path[-1]} is out of range of {parent!r}")
-    if not isinstance(parent, (list, dict)):
-        raise SpecError(f"{where}: {'.'.join(map(str, path[:-1]))!r} is not a mapping or list")
-    parent[path[-1]] = copy.deepcopy(value)
-
-
-def callback_init_args(optimizer_yaml: dict, config: str) -> dict:
-    """The init_args of the one OptimizerCallback in an optimizer YAML's trainer.callbacks."""
-    callbacks = (optimizer_yaml.get("trainer") or {}).get("callbacks") or []
-    found = [c for c in callbacks if isinstance(c, dict) and str(c.get("class_path", "")).endswith("OptimizerCallback")]
-    if len(found) != 1:
-        raise SpecError(f"{config}: needs exactly one OptimizerCallback in trainer.callbacks, found {len(found)}")
-    return found[0].setdefault("init_args", {})
-
-
-def cli_value(value: Any) -> str:
-    """A value as jsonargparse reads it back (YAML flow style: `1.0e-05`, `true`, `[0.9, 0.95]`)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
-    return text.removesuffix("...").strip()
-
-
-def plan(spec: dict) -> list[Point]:
-    """Every point of the sweep, in order: optimizers, then the shared grid, then each optimizer's grid."""
-    points, shared = [], axes_of(spec["grid"])
-    for label, entry in spec["optimizers"].items():
-        axes = axes_of(entry["grid"]) + shared
-        short = [a.name for a in axes]  # two keys that shorten alike keep their full names
-        names = [a.key if a.key and short.count(a.name) > 1 else a.name for a in axes]
-        source = yaml.safe_load(Path(entry["config"]).read_text())
-        for shared_combo in itertools.product(*(a.values for a in shared)):
-            for own_combo in itertools.product(*(a.values for a in axes[:len(axes) - len(shared)])):
-                combo = own_combo + shared_combo
-                settings = dict(spec["overrides"])
-                for axis, value in zip(axes, combo):
-                    settings.update(value if axis.key is None else {axis.key: value})
-                name = "_".join([label, *(fragment(n, v) for n, v in zip(names, combo))])
-                optimizer_yaml, overrides = split_settings(name, label, settings, source, entry["config"])
-                points.append(Point(name, label, dict(zip(names, combo)), names[len(axes) - len(shared):],
-                                    spec["out_dir"] / name, optimizer_yaml, spec["base"], overrides))
-    seen: dict[str, Point] = {}
-    for p in points:
-        if p.name in seen:
-            raise SpecError(f"points {seen[p.name].values} and {p.values} of {p.optimizer!r} share the name "
-                            f"{p.name!r}; use values that differ in 3 significant digits")
-        seen[p.name] = p
-    return points
-
-
-def split_settings(name: str, label: str, settings: dict, source: dict, config: str) -> tuple[dict, list[str]]:
-    """Keys of the optimizer go into a copy of its YAML, the others onto the command line."""
-    optimizer_yaml, overrides = copy.deepcopy(source), []
-    init_args = callback_init_args(optimizer_yaml, config)
-    for key, value in settings.items():
-        where = f"point {name}: key {key!r} (optimizer {label!r}, {config})"
-        path = optimizer_path(key, init_args, where)
-        if path is None:
-            overrides += [f"--{key}", cli_value(value)]
-        else:
-            set_path(init_args, path, value, where)
-    return optimizer_yaml, overrides
-
-
-def validate(point: Point) -> dict:
-    """Parse the point's `fit` command as the CLI would (`--print_config`) and build its optimizer
-    on a dummy tensor, so that a bad key or value fails here, naming the point."""
-    from lm_opt.callbacks import OptimizerCallback
-    from lm_opt.cli import LMOptCLI
-
-    with tempfile.TemporaryDirectory() as tmp:
-        optimizer_yaml = Path(tmp) / OPTIMIZER_YAML
-        optimizer_yaml.write_text(yaml.safe_dump(point.optimizer_yaml, sort_keys=False))
-        out, err = io.StringIO(), io.StringIO()
-        try:
-            with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "LightningCLI's args parameter")
-                LMOptCLI(args=[*point.fit_args(optimizer_yaml), "--print_config"])
-        except SystemExit as exit_:
-            if exit_.code not in (0, None):
-                lines = err.getvalue().strip().splitlines()
-                start = next((i for i, line in enumerate(lines) if line.startswith("error:")), len(lines) - 3)
-                message = " ".join(line.strip() for line in lines[start:])
-                raise SpecError(f"point {point.name}: its config does not parse: {message}") from None
-        except Exception as exc:
-            raise SpecError(f"point {point.name}: {type(exc).__name__}: {exc}") from None
-    resolved = yaml.safe_load(out.getvalue())
-    try:
-        OptimizerCallback(**callback_init_args(resolved, point.name))
-    except (ValueError, TypeError) as exc:
-        raise SpecError(f"point {point.name}: its optimizer cannot be built: {exc}") from None
-    point.resolved = resolved
-    return resolved
+"""Run statuses that are a result; a rerun leaves such a point alone."""
+STARTING = {"resume": " (resuming from last.ckpt)", "retry": " (again: its last attempt did not finish)"}
+"""How a point's start is announced, by its `point_state`."""
 
 
 def point_state(run_dir: Path) -> str:
@@ -308,6 +40,7 @@ def point_state(run_dir: Path) -> str:
 
 
 def read_summary(run_dir: Path) -> dict:
+    """The run's summary.json; empty where the run never got to write one."""
     try:
         return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
@@ -315,6 +48,7 @@ def read_summary(run_dir: Path) -> dict:
 
 
 def read_status(run_dir: Path) -> str | None:
+    """The run's status (`finished`, `diverged`, `failed`, ...); None before it has ended."""
     return read_summary(run_dir).get("status")
 
 
@@ -325,7 +59,7 @@ COMMAND_TEMPLATE = """#!/usr/bin/env bash
 set -e
 cd {cwd}
 RUN={run_dir}
-if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "(finished|diverged)"' "$RUN/summary.json"; then
+if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "({done})"' "$RUN/summary.json"; then
   echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/summary.json")"
   exit 0
 fi
@@ -346,10 +80,12 @@ def shell_lines(command: list[str]) -> str:
 
 
 def command_of(point: Point) -> list[str]:
+    """The point's full command, as written to its command.sh and point.json."""
     return [sys.executable, "-m", "lm_opt", *point.fit_args()]
 
 
 def recorded_command(run_dir: Path) -> list[str] | None:
+    """The command a point's folder was last written with; None where there is no point.json."""
     try:
         return json.loads((run_dir / "point.json").read_text())["command"]
     except (OSError, ValueError, KeyError):
@@ -365,7 +101,7 @@ def write_point(point: Point, sweep: str) -> Path:
     script = point.run_dir / "command.sh"
     script.write_text(COMMAND_TEMPLATE.format(
         name=point.name, sweep=sweep, script=shlex.quote(str(script)), cwd=shlex.quote(os.getcwd()),
-        run_dir=shlex.quote(str(point.run_dir)), command=shell_lines(command)))
+        run_dir=shlex.quote(str(point.run_dir)), done="|".join(DONE), command=shell_lines(command)))
     script.chmod(0o755)
     record = {"sweep": sweep, "name": point.name, "optimizer": point.optimizer, "values": point.values,
               "shared": point.shared, "command": command}
@@ -437,8 +173,7 @@ def execute(points: list[Point], jobs: int) -> dict[str, str | None]:
         while pending or running:
             while pending and slots:
                 (i, point), slot = pending.pop(0), slots.pop(0)
-                how = {"resume": " (resuming from last.ckpt)", "retry": " (again: its last attempt did not finish)"}
-                print(f"[{i}/{len(points)}] start {point.name}{how.get(point_state(point.run_dir), '')}"
+                print(f"[{i}/{len(points)}] start {point.name}{STARTING.get(point_state(point.run_dir), '')}"
                       + (f" on GPU {slot}" if slot is not None else ""), flush=True)
                 running[launch(point, slot, env)] = (i, point, slot, time.time())
             time.sleep(0.2)
@@ -487,13 +222,12 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
     for name, problem in results.items():
         if problem:
             print(f"CRASHED {name}: {problem}; log: {spec['out_dir'] / name / 'fit.log'}; rerun the sweep to retry")
-    from lm_opt.report import write_report
-
     write_report(spec["out_dir"])
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Exit codes: 2 for a bad spec (nothing ran), 1 if a point crashed, 130 on Ctrl-C."""
     parser = argparse.ArgumentParser(prog="python -m lm_opt sweep", description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="sweep spec YAML, e.g. configs/sweeps/tiny_cpu.yaml")
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (one per GPU where there are GPUs)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm_opt import report, sweep
+from lm_opt import report, sweep, sweep_plan
 
 SWEEPS = sorted(Path("configs/sweeps").glob("*.yaml"))
 TINY = {"data.seq_len": 32, "data.batch_size": 4, "data.val_sequences": 8, "data.num_workers": 0,
@@ -45,7 +45,7 @@ def no_launch(monkeypatch):
 
 
 def test_points_cross_each_optimizer_grid_with_the_shared_grid():
-    points = sweep.plan(sweep.load_spec("configs/sweeps/lr_150m.yaml"))
+    points = sweep_plan.plan(sweep_plan.load_spec("configs/sweeps/lr_150m.yaml"))
     assert len(points) == 6 * 9 * 2
     p = next(p for p in points if p.name == "lion_lr3.16e-04_qk_norm-false_z_loss0")
     assert p.values == {"lr": 3.16e-4, "qk_norm+z_loss": {"model.qk_norm": False, "model.z_loss": 0.0}}
@@ -59,7 +59,7 @@ def test_points_cross_each_optimizer_grid_with_the_shared_grid():
 
 
 def test_beta1_sets_betas0_or_the_momentum():
-    points = {p.name: p for p in sweep.plan(sweep.load_spec("configs/sweeps/beta1_150m.yaml"))}
+    points = {p.name: p for p in sweep_plan.plan(sweep_plan.load_spec("configs/sweeps/beta1_150m.yaml"))}
     assert len(points) == 6 * 7 * 2
 
     def init_args(name):
@@ -73,7 +73,7 @@ def test_beta1_sets_betas0_or_the_momentum():
 def test_a_route_key_sets_that_route_only(tmp_path):
     spec = write_spec(tmp_path, optimizers={"sgd_ada": {"config": "configs/optim/sgd_adalayer_last_norm.yaml",
                                                         "grid": {"routes.1.optimizer.init_args.lr": [0.1, 10.0]}}})
-    points = sweep.plan(sweep.load_spec(spec))
+    points = sweep_plan.plan(sweep_plan.load_spec(spec))
     assert [p.name for p in points] == ["sgd_ada_lr0.1", "sgd_ada_lr10"]
     routes = points[1].optimizer_yaml["trainer"]["callbacks"][0]["init_args"]["routes"]
     assert (routes[0]["optimizer"]["init_args"]["lr"], routes[1]["optimizer"]["init_args"]["lr"]) == (3.16e-3, 10.0)
@@ -82,9 +82,9 @@ def test_a_route_key_sets_that_route_only(tmp_path):
 @pytest.mark.parametrize("spec", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_shipped_sweeps_parse(spec):
     """The first point of every optimizer of every shipped sweep parses as a `fit` command."""
-    points = sweep.plan(sweep.load_spec(spec))
+    points = sweep_plan.plan(sweep_plan.load_spec(spec))
     for label in dict.fromkeys(p.optimizer for p in points):
-        sweep.validate(next(p for p in points if p.optimizer == label))
+        sweep_plan.validate(next(p for p in points if p.optimizer == label))
 
 
 @pytest.mark.parametrize("change,message", [
@@ -109,7 +109,7 @@ def test_spec_errors_are_reported_before_anything_runs(tmp_path, capsys, no_laun
 
 
 def test_crashed_points_are_reported_never_dropped(tmp_path):
-    points = sweep.plan(sweep.load_spec(write_spec(tmp_path)))[:3]
+    points = sweep_plan.plan(sweep_plan.load_spec(write_spec(tmp_path)))[:3]
     for p in points:
         sweep.write_point(p, "micro")
     summary = '{"status": "%s", "error": "RuntimeError: boom"}'
@@ -130,7 +130,7 @@ def test_slurm_tasks_run_the_same_commands_as_local_execution(tmp_path, no_launc
     sweep.main([str(spec), "--slurm"])
     out = tmp_path / "out"
     script = (out / "sweep.sbatch").read_text()
-    points = sweep.plan(sweep.load_spec(spec))
+    points = sweep_plan.plan(sweep_plan.load_spec(spec))
     assert "#SBATCH --array=0-3" in script and 'bash "$RUN/command.sh"' in script
     for p in points:
         assert str(p.run_dir.resolve()) in script
@@ -158,7 +158,7 @@ def micro(tmp_path_factory):
     checkpoint), then rerun."""
     tmp = tmp_path_factory.mktemp("micro")
     spec = write_spec(tmp)
-    names = [p.name for p in sweep.plan(sweep.load_spec(spec))]
+    names = [p.name for p in sweep_plan.plan(sweep_plan.load_spec(spec))]
     out = tmp / "out"
     with open(tmp / "first.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "lm_opt", "sweep", str(spec)], stdout=log,
@@ -210,7 +210,7 @@ def test_report_rebuilds_from_the_run_folders_alone(micro, tmp_path):
 
 def test_concurrent_points_get_one_gpu_each(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "gpu_slots", lambda: ["3", "5"])
-    points = sweep.plan(sweep.load_spec(write_spec(tmp_path)))
+    points = sweep_plan.plan(sweep_plan.load_spec(write_spec(tmp_path)))
     for p in points:
         sweep.write_point(p, "micro")
         (p.run_dir / "command.sh").write_text(
