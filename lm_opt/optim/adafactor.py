@@ -1,20 +1,16 @@
 """Adafactor*: Adam with a factored second moment (Zhao et al. 2024's variant)."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lm_opt.optim.state import (
-    FP32StateMixin,
+    BaseOptimizer,
     check_args,
-    closure_loss,
     copy_back_,
     group_of,
-    params_with_grad,
-    reject_dtensor,
     state_dtype,
     use_foreach,
 )
@@ -37,26 +33,47 @@ def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
     return scaled_row.unsqueeze(-1) * col.unsqueeze(-2)
 
 
-def second_moment(state: dict[str, Tensor]) -> Tensor:
-    """The second moment ``v`` before bias correction, full or reconstructed."""
-    if "exp_avg_sq" in state:
-        return state["exp_avg_sq"]
-    return factored_second_moment(state["exp_avg_sq_row"], state["exp_avg_sq_col"])
+def factored_denominator(
+    row: Tensor, col: Tensor, bias_correction2: float, eps: float, out: Tensor | None = None
+) -> Tensor:
+    """``sqrt(factored_second_moment(row, col) / bias_correction2) + eps``, in ``out`` if given.
+
+    ``sqrt(R_i C_j) = sqrt(R_i) sqrt(C_j)``: the square roots are taken of the factors, so
+    the only full-size tensor is the result (two passes over it instead of four).
+    """
+    row_mean = row.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
+    sqrt_row = row.div(row_mean.mul_(bias_correction2)).sqrt_()
+    return torch.mul(sqrt_row.unsqueeze(-1), col.sqrt().unsqueeze(-2), out=out).add_(eps)
 
 
-def _accumulate_second_moment(grad: Tensor, state: dict[str, Tensor], beta2: float) -> None:
+def _accumulate_second_moment(
+    grad: Tensor, state: dict[str, Tensor], beta2: float
+) -> Tensor | None:
+    """Take ``grad`` into the second moment.
+
+    Returns:
+        The ``grad**2`` scratch tensor of a factored moment, for :func:`_denominator` to
+        reuse as its output, or None for a full ``v``.
+    """
     if "exp_avg_sq" in state:
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        return
+        return None
     grad_sq = grad.square()
     state["exp_avg_sq_row"].mul_(beta2).add_(grad_sq.mean(dim=-1), alpha=1 - beta2)
     state["exp_avg_sq_col"].mul_(beta2).add_(grad_sq.mean(dim=-2), alpha=1 - beta2)
+    return grad_sq
 
 
-def _denominator(state: dict[str, Tensor], beta2: float, eps: float) -> Tensor:
-    """``sqrt(v / (1 - beta2^t)) + eps``, a new tensor."""
+def _denominator(
+    state: dict[str, Tensor], beta2: float, eps: float, out: Tensor | None = None
+) -> Tensor:
+    """``sqrt(v / (1 - beta2^t)) + eps``; a factored ``v``'s is written into ``out`` if given."""
     bias_correction2 = 1 - beta2 ** state["step"].item()
-    return second_moment(state).div(bias_correction2).sqrt_().add_(eps)
+    if "exp_avg_sq" in state:
+        return state["exp_avg_sq"].div(bias_correction2).sqrt_().add_(eps)
+    return factored_denominator(
+        state["exp_avg_sq_row"], state["exp_avg_sq_col"], bias_correction2, eps, out=out
+    )
 
 
 def _init_state(param: Tensor, state: dict[str, Tensor]) -> None:
@@ -91,9 +108,8 @@ def adafactor_update(
     exp_avg = state["exp_avg"]
     grad = grad.to(exp_avg.dtype)
     state["step"] += 1
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    _accumulate_second_moment(grad, state, beta2)
-    denom = _denominator(state, beta2, eps)
+    exp_avg.lerp_(grad, 1 - beta1)
+    denom = _denominator(state, beta2, eps, out=_accumulate_second_moment(grad, state, beta2))
     work = param.to(exp_avg.dtype)
     if weight_decay != 0:
         work.mul_(1 - lr * weight_decay)
@@ -122,12 +138,11 @@ def adafactor_update_foreach(
     exp_avgs = [s["exp_avg"] for s in states]
     grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_add_([s["step"] for s in states], 1)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     denoms, step_sizes = [], []
     for grad, state in zip(grads, states):
-        _accumulate_second_moment(grad, state, beta2)
-        denoms.append(_denominator(state, beta2, eps))
+        scratch = _accumulate_second_moment(grad, state, beta2)
+        denoms.append(_denominator(state, beta2, eps, out=scratch))
         step_sizes.append(-lr / (1 - beta1 ** state["step"].item()))
     work = [p.to(m.dtype) for p, m in zip(params, exp_avgs)]
     if weight_decay != 0:
@@ -136,7 +151,7 @@ def adafactor_update_foreach(
     copy_back_(params, work)
 
 
-class Adafactor(FP32StateMixin, Optimizer):
+class Adafactor(BaseOptimizer):
     r"""Adafactor* of Zhao et al. 2024: Adam's first moment, factored second moment.
 
     From "Deconstructing What Makes a Good Optimizer for Language Models" (Zhao et
@@ -167,7 +182,8 @@ class Adafactor(FP32StateMixin, Optimizer):
     cast back); float64 parameters keep float64 state.
 
     The row and column means are statistics of the whole tensor, so parameters
-    sharded as ``DTensor`` (FSDP2) are refused with a ``RuntimeError``.
+    sharded as ``DTensor`` (FSDP2) are refused with a ``RuntimeError`` naming
+    Adafactor, at construction (or ``add_param_group``).
 
     Args:
         params: Parameters or parameter groups to optimize.
@@ -179,6 +195,8 @@ class Adafactor(FP32StateMixin, Optimizer):
         foreach: Use ``torch._foreach_*`` kernels for the elementwise parts. ``None``
             picks them when all tensors of a group are dense and on one device.
     """
+
+    sharding_reason = "its row and column means of g^2 span the whole tensor"
 
     def __init__(
         self,
@@ -196,46 +214,25 @@ class Adafactor(FP32StateMixin, Optimizer):
         )
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, refusing sharded (``DTensor``) parameters."""
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            reject_dtensor(p, "Adafactor", "the row and column means of g^2 span the whole tensor")
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step.
-
-        Args:
-            closure: Re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None.
-        """
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            params = params_with_grad(group, "Adafactor")
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            states = [self.state[p] for p in params]
-            for p, state in zip(params, states):
-                if not state:
-                    _init_state(p, state)
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            )
-            if use_foreach(group, params):
-                adafactor_update_foreach(params, grads, states, **hyper)
-            else:
-                for p, g, state in zip(params, grads, states):
-                    adafactor_update(p, g, state, **hyper)
-        return loss
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                _init_state(p, state)
+        beta1, beta2 = group["betas"]
+        hyper = dict(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+        if use_foreach(group, params):
+            adafactor_update_foreach(params, grads, states, **hyper)
+        else:
+            for p, g, state in zip(params, grads, states):
+                adafactor_update(p, g, state, **hyper)
 
     def effective_lr(self, p: Tensor) -> Tensor | None:
         """Per-coordinate ``lr / (sqrt(v_hat) + eps)`` from the current state.

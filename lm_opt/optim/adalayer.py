@@ -1,20 +1,16 @@
 """Adalayer: Adam with one second-moment scalar per block of a parameter."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lm_opt.optim.state import (
-    FP32StateMixin,
+    BaseOptimizer,
     check_args,
-    closure_loss,
     copy_back_,
     group_of,
-    params_with_grad,
-    reject_dtensor,
     state_dtype,
     use_foreach,
 )
@@ -70,6 +66,12 @@ def step_hparams(t: int, group: dict[str, Any]) -> dict[str, float]:
     return hparams
 
 
+def block_mean_sq(grad: Tensor, n: int) -> Tensor:
+    """Mean of ``grad**2`` over each of ``n`` contiguous blocks, without a ``grad**2`` temporary."""
+    block = grad.reshape(n, -1)
+    return torch.linalg.vector_norm(block, dim=1).square_().div_(block.shape[1])
+
+
 def adalayer_update(
     param: Tensor,
     grad: Tensor,
@@ -89,15 +91,15 @@ def adalayer_update(
     g = grad.to(exp_avg.dtype)
     exp_avg.lerp_(g, 1 - beta1)
     if v_weight:
-        exp_avg_sq.lerp_(g.reshape(n, -1).square().mean(dim=1), v_weight)
+        exp_avg_sq.lerp_(block_mean_sq(g, n), v_weight)
     if lr == 0.0:  # frozen Adalayer's warm-up moves nothing: skip the full-size update
         return
     denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
-    update = (exp_avg.view(n, -1) / denom[:, None]).view(param.shape)
-    p = param.to(exp_avg.dtype)
+    p = param.to(exp_avg.dtype).contiguous()  # a copy only for bf16 or strided parameters
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
-    p.add_(update, alpha=-lr / bias_correction1)
+    # One scalar per block, broadcast along its row of the (n, -1) view: no full-size temporary.
+    p.view(n, -1).addcdiv_(exp_avg.view(n, -1), denom[:, None], value=-lr / bias_correction1)
     if p is not param:
         param.copy_(p)
 
@@ -116,31 +118,30 @@ def adalayer_update_foreach(
     bias_correction1: float,
     bias_correction2: float,
 ) -> None:
-    """:func:`adalayer_update` on many tensors; only the block reductions run per tensor."""
+    """:func:`adalayer_update` on many tensors.
+
+    The momentum, the second moments and weight decay use ``torch._foreach_*`` kernels; the
+    block reductions and the broadcast division run per tensor.
+    """
     ns = [v.numel() for v in exp_avg_sqs]
     gs = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
     if v_weight:
-        squares = torch._foreach_mul(gs, gs)
-        block_means = [s.reshape(n, -1).mean(dim=1) for s, n in zip(squares, ns)]
-        torch._foreach_lerp_(exp_avg_sqs, block_means, v_weight)
+        torch._foreach_lerp_(exp_avg_sqs, [block_mean_sq(g, n) for g, n in zip(gs, ns)], v_weight)
     if lr == 0.0:
         return
     denoms = torch._foreach_div(exp_avg_sqs, bias_correction2)
     torch._foreach_sqrt_(denoms)
     torch._foreach_add_(denoms, eps)
-    updates = [
-        (m.view(n, -1) / d[:, None]).view(p.shape)
-        for p, m, d, n in zip(params, exp_avgs, denoms, ns)
-    ]
-    ps = [p.to(m.dtype) for p, m in zip(params, exp_avgs)]
+    ps = [p.to(m.dtype).contiguous() for p, m in zip(params, exp_avgs)]
     if weight_decay:
         torch._foreach_mul_(ps, 1 - lr * weight_decay)
-    torch._foreach_add_(ps, updates, alpha=-lr / bias_correction1)
+    for p, m, d, n in zip(ps, exp_avgs, denoms, ns):
+        p.view(n, -1).addcdiv_(m.view(n, -1), d[:, None], value=-lr / bias_correction1)
     copy_back_(params, ps)
 
 
-class Adalayer(FP32StateMixin, Optimizer):
+class Adalayer(BaseOptimizer):
     r"""Adalayer (Zhao et al. 2024, "Deconstructing What Makes a Good Optimizer for Language
     Models"): Adam's per-coordinate momentum with one second-moment scalar per block.
 
@@ -170,8 +171,9 @@ class Adalayer(FP32StateMixin, Optimizer):
     State: ``step``, ``exp_avg`` (like the parameter) and ``exp_avg_sq`` (one entry per
     block), about 4 bytes per parameter in float32. State is float32 for bf16/fp16
     parameters (the update is computed in float32 and cast back) and float64 for float64
-    ones. Block statistics need the whole tensor, so FSDP/DTensor-sharded parameters are
-    rejected.
+    ones. Block statistics need the whole tensor, so FSDP2 (``DTensor``) sharded parameters
+    are refused with a ``RuntimeError`` naming the optimizer, at construction (or
+    ``add_param_group``).
 
     Args:
         params: Parameters or param-group dicts; any keyword below may be set per group.
@@ -186,6 +188,8 @@ class Adalayer(FP32StateMixin, Optimizer):
         foreach: Use the multi-tensor path; None turns it on when all parameters of a
             group share a device.
     """
+
+    sharding_reason = "its block means of g^2 span whole blocks of the tensor"
 
     def __init__(
         self,
@@ -232,7 +236,6 @@ class Adalayer(FP32StateMixin, Optimizer):
         if freeze_after is not None and not (type(freeze_after) is int and freeze_after > 0):
             raise ValueError(f"Invalid freeze_after: {freeze_after!r} (must be None or an int > 0)")
         for p in group["params"]:
-            reject_dtensor(p, type(self).__name__, "its block means of g^2 span whole blocks")
             num_blocks(p.shape, blocks)
 
     @staticmethod
@@ -262,46 +265,31 @@ class Adalayer(FP32StateMixin, Optimizer):
             return "row"
         return fused if fused > 1 else "tensor"
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step.
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        # A parameter that skipped steps (grad None) has its own step count.
+        by_step: dict[int, list[Tensor]] = {}
+        for p in params:
+            state = self.state[p]
+            if not state:
+                dtype = state_dtype(p)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                n = num_blocks(p.shape, group["blocks"])
+                state["exp_avg_sq"] = torch.zeros(n, dtype=dtype, device=p.device)
+            state["step"] += 1
+            by_step.setdefault(int(state["step"].item()), []).append(p)
 
-        Args:
-            closure: Re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None.
-        """
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            params = params_with_grad(group, type(self).__name__)
-            if not params:
+        foreach = use_foreach(group, params)
+        for t, same_step in by_step.items():
+            hparams = step_hparams(t, group)
+            grads = [p.grad for p in same_step]
+            exp_avgs = [self.state[p]["exp_avg"] for p in same_step]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in same_step]
+            if foreach:
+                adalayer_update_foreach(same_step, grads, exp_avgs, exp_avg_sqs, **hparams)
                 continue
-            # A parameter that skipped steps (grad None) has its own step count.
-            by_step: dict[int, list[Tensor]] = {}
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    dtype = state_dtype(p)
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                    n = num_blocks(p.shape, group["blocks"])
-                    state["exp_avg_sq"] = torch.zeros(n, dtype=dtype, device=p.device)
-                state["step"] += 1
-                by_step.setdefault(int(state["step"].item()), []).append(p)
-
-            foreach = use_foreach(group, params)
-            for t, same_step in by_step.items():
-                hparams = step_hparams(t, group)
-                grads = [p.grad for p in same_step]
-                exp_avgs = [self.state[p]["exp_avg"] for p in same_step]
-                exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in same_step]
-                if foreach:
-                    adalayer_update_foreach(same_step, grads, exp_avgs, exp_avg_sqs, **hparams)
-                    continue
-                for p, g, m, v in zip(same_step, grads, exp_avgs, exp_avg_sqs):
-                    adalayer_update(p, g, m, v, **hparams)
-        return loss
+            for p, g, m, v in zip(same_step, grads, exp_avgs, exp_avg_sqs):
+                adalayer_update(p, g, m, v, **hparams)
 
     def effective_lr(self, p: Tensor) -> Tensor | None:
         """Per-block ``lr / (sqrt(v_hat) + eps)`` from the current state.

@@ -31,8 +31,9 @@ class AdamMini(Adalayer):
     State: ``step``, ``exp_avg`` (like the parameter) and ``exp_avg_sq`` (one entry per
     block), about 4 bytes per parameter in float32, half of AdamW's. State is float32 for
     bf16/fp16 parameters (the update is computed in float32 and cast back) and float64 for
-    float64 ones. Block statistics need the whole tensor, so FSDP/DTensor-sharded
-    parameters are rejected.
+    float64 ones. Block statistics need the whole tensor, so FSDP2 (``DTensor``) sharded
+    parameters are refused with a ``RuntimeError`` naming AdamMini, at construction (or
+    ``add_param_group``).
 
     Args:
         params: Parameters or param-group dicts; any keyword below may be set per group.

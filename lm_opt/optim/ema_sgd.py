@@ -1,56 +1,124 @@
 """SGD with bias-corrected EMA momentum: Adam with the second moment fixed at 1."""
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
-from torch.optim import Optimizer
+from torch import Tensor
+
+from lm_opt.optim.state import (
+    BaseOptimizer,
+    check_args,
+    copy_back_,
+    use_foreach,
+    zeros_state,
+)
 
 
-def ema_sgd_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, step: int, lr: float,
-                   momentum: float, weight_decay: float) -> None:
-    """m = b m + (1 - b) g;  p <- p (1 - lr wd) - lr m / (1 - b^t)."""
+def ema_sgd_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    bias_correction: float,
+) -> None:
+    """One step on one tensor, in place: ``m = b m + (1 - b) g``, ``p = p (1 - lr wd) - lr m / bc``.
+
+    The update is computed in ``exp_avg``'s dtype and cast back into ``param``.
+    """
     exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - momentum)
-    update = exp_avg / (1 - momentum**step)
+    work = param.to(exp_avg.dtype)
     if weight_decay:
-        p.mul_(1 - lr * weight_decay)
-    p.add_(update.to(p.dtype), alpha=-lr)
+        work.mul_(1 - lr * weight_decay)
+    work.add_(exp_avg, alpha=-lr / bias_correction)
+    if work is not param:
+        param.copy_(work)
 
 
-class EMASGD(Optimizer):
-    """The body optimizer of the study's "SGD + Adalayer on the last layer and LayerNorm":
-    Adam's first moment with bias correction and v fixed at 1,
+def ema_sgd_update_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    bias_correction: float,
+) -> None:
+    """:func:`ema_sgd_update` over lists of tensors with ``torch._foreach_*`` kernels."""
+    torch._foreach_lerp_(exp_avgs, [g.to(m.dtype) for g, m in zip(grads, exp_avgs)], 1 - momentum)
+    work = [p.to(m.dtype) for p, m in zip(params, exp_avgs)]
+    if weight_decay:
+        torch._foreach_mul_(work, 1 - lr * weight_decay)
+    torch._foreach_add_(work, exp_avgs, alpha=-lr / bias_correction)
+    copy_back_(params, work)
 
-        m_t = beta m_{t-1} + (1 - beta) g_t,   p_t = p_{t-1} - lr m_t / (1 - beta^t).
 
-    Unlike `torch.optim.SGD(momentum, dampening=momentum)`, whose buffer starts at g_1, every
-    step is the bias-corrected EMA, so the lr is on the same scale as Adam's update.
-    Decoupled weight decay `p *= 1 - lr wd`. State: `exp_avg`, 4 bytes per parameter (fp32,
-    also for bf16 parameters). Elementwise, so it works on sharded (DTensor) parameters as is.
+class EMASGD(BaseOptimizer):
+    r"""SGD with Adam's bias-corrected EMA momentum, i.e. Adam with :math:`v` fixed at 1.
+
+    The body optimizer of "SGD + Adalayer on the last layer and LayerNorm" in
+    "Deconstructing What Makes a Good Optimizer for Language Models" (Zhao et al. 2024,
+    arXiv:2407.07972). With gradient :math:`g_t` at step :math:`t`:
+
+    .. math::
+        m &\leftarrow \beta m + (1 - \beta) g_t \\
+        p &\leftarrow p \, (1 - \eta_t \lambda) - \eta_t \, m / (1 - \beta^t)
+
+    Unlike ``torch.optim.SGD(momentum=b, dampening=b)``, whose buffer starts at
+    :math:`g_1`, every step is the bias-corrected EMA, so the lr is on the scale of
+    Adam's update for unit-scale gradients.
+
+    State: ``step`` (an int) and ``exp_avg`` (:math:`m`), 4 bytes per parameter in
+    float32. The state is float32 even for bf16/fp16 parameters (the update is computed
+    in float32 and cast back); float64 parameters keep float64 state. The update is
+    elementwise, so sharded parameters (FSDP2 ``DTensor``) work as they are.
+
+    Args:
+        params: Parameters or parameter groups to optimize.
+        lr: Learning rate :math:`\eta`.
+        momentum: EMA coefficient :math:`\beta` of the momentum.
+        weight_decay: Decoupled weight decay :math:`\lambda` (multiplied by the lr).
+        foreach: Use the multi-tensor ``torch._foreach_*`` implementation. ``None``
+            picks it when all tensors of a group are on one device.
     """
 
-    def __init__(self, params, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0):
-        if lr < 0:
-            raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
-        if weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        check_args(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                    state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-                state["step"] += 1
-                ema_sgd_update(p, p.grad, state["exp_avg"], state["step"], group["lr"], group["momentum"],
-                               group["weight_decay"])
-        return loss
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        zeros_state(self, params, "exp_avg")
+        # A parameter that skipped steps (grad None) has its own bias correction.
+        by_step: dict[int, list[Tensor]] = {}
+        for p in params:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            by_step.setdefault(state["step"], []).append(p)
+        foreach = use_foreach(group, params)
+        for t, same_step in by_step.items():
+            hyper = dict(
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                bias_correction=1 - group["momentum"] ** t,
+            )
+            grads = [p.grad for p in same_step]
+            exp_avgs = [self.state[p]["exp_avg"] for p in same_step]
+            if foreach:
+                ema_sgd_update_foreach(same_step, grads, exp_avgs, **hyper)
+            else:
+                for p, g, m in zip(same_step, grads, exp_avgs):
+                    ema_sgd_update(p, g, m, **hyper)

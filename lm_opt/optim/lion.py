@@ -1,18 +1,15 @@
 """Lion: the sign of an interpolated momentum (Chen et al. 2023)."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lm_opt.optim.state import (
-    FP32StateMixin,
+    BaseOptimizer,
     check_args,
-    closure_loss,
     copy_back_,
-    params_with_grad,
     use_foreach,
     zeros_state,
 )
@@ -33,8 +30,8 @@ def lion_update(
     The update is computed in ``exp_avg``'s dtype and cast back into ``param``.
     """
     grad = grad.to(exp_avg.dtype)
-    update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
-    exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+    update = exp_avg.lerp(grad, 1 - beta1).sign_()
+    exp_avg.lerp_(grad, 1 - beta2)
     work = param.to(exp_avg.dtype)
     if weight_decay != 0:
         work.mul_(1 - lr * weight_decay)
@@ -55,11 +52,9 @@ def lion_update_foreach(
 ) -> None:
     """:func:`lion_update` over lists of tensors with ``torch._foreach_*`` kernels."""
     grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
-    updates = torch._foreach_mul(exp_avgs, beta1)
-    torch._foreach_add_(updates, grads, alpha=1 - beta1)
+    updates = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
     torch._foreach_sign_(updates)
-    torch._foreach_mul_(exp_avgs, beta2)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
     work = [p.to(m.dtype) for p, m in zip(params, exp_avgs)]
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
@@ -67,7 +62,7 @@ def lion_update_foreach(
     copy_back_(params, work)
 
 
-class Lion(FP32StateMixin, Optimizer):
+class Lion(BaseOptimizer):
     r"""Lion (EvoLved Sign Momentum), with decoupled weight decay.
 
     From "Symbolic Discovery of Optimization Algorithms" (Chen et al. 2023,
@@ -114,30 +109,13 @@ class Lion(FP32StateMixin, Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step.
-
-        Args:
-            closure: Re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None.
-        """
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            params = params_with_grad(group, "Lion")
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            exp_avgs = zeros_state(self, params, "exp_avg")
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"]
-            )
-            if use_foreach(group, params):
-                lion_update_foreach(params, grads, exp_avgs, **hyper)
-            else:
-                for p, g, m in zip(params, grads, exp_avgs):
-                    lion_update(p, g, m, **hyper)
-        return loss
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        grads = [p.grad for p in params]
+        exp_avgs = zeros_state(self, params, "exp_avg")
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+        if use_foreach(group, params):
+            lion_update_foreach(params, grads, exp_avgs, **hyper)
+        else:
+            for p, g, m in zip(params, grads, exp_avgs):
+                lion_update(p, g, m, **hyper)

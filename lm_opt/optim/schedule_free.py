@@ -5,15 +5,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lm_opt.optim.state import (
-    FP32StateMixin,
+    BaseOptimizer,
     check_args,
-    closure_loss,
     copy_back_,
     group_of,
-    params_with_grad,
     state_dtype,
     use_foreach,
 )
@@ -40,20 +37,25 @@ def schedule_free_update(
 ) -> None:
     """One Schedule-Free AdamW step on one tensor, in place (``y``, ``z``, ``exp_avg_sq``).
 
-    ``x`` is never stored: with ``y = (1 - beta1) z + beta1 x``, the new ``y`` follows from
-    the old ``y`` and ``z`` as ``lerp(y, z, ckp1) + lr (beta1 (1 - ckp1) - 1) u``, where
-    ``u`` is the normalized gradient plus weight decay.
+    With ``u = g / (sqrt(v / bc2) + eps) + wd y`` and ``c = ckp1``: ``z' = z - lr u``, and,
+    since ``y = (1 - beta1) z + beta1 x`` and ``x' = lerp(x, z', c)``, ``y' = lerp(y, z', c)
+    - lr (1 - beta1) (1 - c) u``: ``x`` is never stored. ``u`` is not formed either: both
+    updates divide ``g`` by the one temporary, the denominator (with ``sqrt(bc2)`` moved
+    into the step sizes), so a step costs about what AdamW's does.
     """
     g = grad.to(z.dtype)
     work = y.to(z.dtype)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
-    u = g / denom
+    scale = bias_correction2**0.5
+    denom = exp_avg_sq.sqrt().add_(eps * scale)
+    y_step = -lr * (1 - beta1) * (1 - ckp1)
+    z.addcdiv_(g, denom, value=-lr * scale)
     if weight_decay:
-        u.add_(work, alpha=weight_decay)
-    work.lerp_(z, ckp1)
-    work.add_(u, alpha=lr * (beta1 * (1 - ckp1) - 1))
-    z.sub_(u, alpha=lr)
+        z.add_(work, alpha=-lr * weight_decay)
+        work.mul_(1 - ckp1 + y_step * weight_decay).add_(z, alpha=ckp1)
+    else:
+        work.lerp_(z, ckp1)
+    work.addcdiv_(g, denom, value=y_step * scale)
     if work is not y:
         y.copy_(work)
 
@@ -77,19 +79,22 @@ def schedule_free_update_foreach(
     work = [y.to(z.dtype) for y, z in zip(ys, zs)]
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - beta2)
-    denoms = torch._foreach_div(exp_avg_sqs, bias_correction2)
-    torch._foreach_sqrt_(denoms)
-    torch._foreach_add_(denoms, eps)
-    us = torch._foreach_div(gs, denoms)
+    scale = bias_correction2**0.5
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denoms, eps * scale)
+    y_step = -lr * (1 - beta1) * (1 - ckp1)
+    torch._foreach_addcdiv_(zs, gs, denoms, value=-lr * scale)
     if weight_decay:
-        torch._foreach_add_(us, work, alpha=weight_decay)
-    torch._foreach_lerp_(work, zs, ckp1)
-    torch._foreach_add_(work, us, alpha=lr * (beta1 * (1 - ckp1) - 1))
-    torch._foreach_sub_(zs, us, alpha=lr)
+        torch._foreach_add_(zs, work, alpha=-lr * weight_decay)
+        torch._foreach_mul_(work, 1 - ckp1 + y_step * weight_decay)
+        torch._foreach_add_(work, zs, alpha=ckp1)
+    else:
+        torch._foreach_lerp_(work, zs, ckp1)
+    torch._foreach_addcdiv_(work, gs, denoms, value=y_step * scale)
     copy_back_(ys, work)
 
 
-class ScheduleFreeAdamW(FP32StateMixin, Optimizer):
+class ScheduleFreeAdamW(BaseOptimizer):
     r"""Schedule-Free AdamW, from "The Road Less Scheduled" (Defazio et al. 2024,
     arXiv:2405.15682), with the arguments of the ``schedulefree`` package's
     ``AdamWScheduleFree``.
@@ -199,43 +204,40 @@ class ScheduleFreeAdamW(FP32StateMixin, Optimizer):
                 "ScheduleFreeAdamW.step() called in eval mode (the parameters hold x, not y): "
                 "call optimizer.train() before training"
             )
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            params = params_with_grad(group, "ScheduleFreeAdamW")
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["z"] = p.detach().to(state_dtype(p), copy=True)
-                    state["exp_avg_sq"] = torch.zeros_like(state["z"])
-            grads = [p.grad for p in params]
-            zs = [self.state[p]["z"] for p in params]
-            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        return super().step(closure)
 
-            t = group["step"] + 1
-            beta1, beta2 = group["betas"]
-            lr = group["lr"] * warmup_factor(t, group["warmup_steps"])
-            group["lr_max"] = max(group["lr_max"], lr)
-            weight = t ** group["r"] * group["lr_max"] ** group["weight_lr_power"]
-            group["weight_sum"] += weight
-            group["step"] = t
-            hyper = dict(
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                # Zero weights so far (lr = 0) leave x where it is.
-                ckp1=weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0,
-                bias_correction2=1 - beta2**t,
-            )
-            if use_foreach(group, params):
-                schedule_free_update_foreach(params, grads, zs, exp_avg_sqs, **hyper)
-            else:
-                for p, g, z, v in zip(params, grads, zs, exp_avg_sqs):
-                    schedule_free_update(p, g, z, v, **hyper)
-        return loss
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["z"] = p.detach().to(state_dtype(p), copy=True)
+                state["exp_avg_sq"] = torch.zeros_like(state["z"])
+        grads = [p.grad for p in params]
+        zs = [self.state[p]["z"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+
+        t = group["step"] + 1
+        beta1, beta2 = group["betas"]
+        lr = group["lr"] * warmup_factor(t, group["warmup_steps"])
+        group["lr_max"] = max(group["lr_max"], lr)
+        weight = t ** group["r"] * group["lr_max"] ** group["weight_lr_power"]
+        group["weight_sum"] += weight
+        group["step"] = t
+        hyper = dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            # Zero weights so far (lr = 0) leave x where it is.
+            ckp1=weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0,
+            bias_correction2=1 - beta2**t,
+        )
+        if use_foreach(group, params):
+            schedule_free_update_foreach(params, grads, zs, exp_avg_sqs, **hyper)
+        else:
+            for p, g, z, v in zip(params, grads, zs, exp_avg_sqs):
+                schedule_free_update(p, g, z, v, **hyper)
 
     @torch.no_grad()
     def eval(self) -> None:

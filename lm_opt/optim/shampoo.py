@@ -1,11 +1,10 @@
 """Shampoo with Adam grafting: the baseline SOAP is compared with (Gupta et al. 2018)."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lm_opt.optim.kronecker import (
     SHARDING_REASON,
@@ -18,10 +17,7 @@ from lm_opt.optim.kronecker import (
     update_factors_,
 )
 from lm_opt.optim.state import (
-    FP32StateMixin,
-    closure_loss,
-    params_with_grad,
-    reject_dtensor,
+    BaseOptimizer,
     state_dtype,
 )
 
@@ -54,7 +50,7 @@ def graft(direction: Tensor, magnitude: Tensor) -> Tensor:
     return direction * scale
 
 
-class Shampoo(FP32StateMixin, Optimizer):
+class Shampoo(BaseOptimizer):
     r"""Shampoo with momentum and layer-wise Adam grafting.
 
     From "Shampoo: Preconditioned Stochastic Tensor Optimization" (Gupta et al. 2018,
@@ -93,10 +89,10 @@ class Shampoo(FP32StateMixin, Optimizer):
     parameter, like SOAP. State is float32 even for bf16/fp16 parameters (the update
     is computed in float32 and cast back); float64 parameters keep float64.
 
-    Sharded parameters are not supported: a ``DTensor`` parameter (FSDP2) raises
-    ``RuntimeError``, since :math:`G G^\top` needs the whole tensor. Supporting it would
-    take an all-gather of each gradient (or a reduction of per-shard Gram matrices)
-    and the preconditioners replicated or owned by one rank.
+    Sharded parameters are not supported: a ``DTensor`` parameter (FSDP2) raises a
+    ``RuntimeError`` naming Shampoo, since :math:`G G^\top` needs the whole tensor.
+    Supporting it would take an all-gather of each gradient (or a reduction of
+    per-shard Gram matrices) and the preconditioners replicated or owned by one rank.
 
     Args:
         params: Parameters or parameter groups to optimize.
@@ -111,6 +107,8 @@ class Shampoo(FP32StateMixin, Optimizer):
         exponent: Power :math:`e < 0` of each factor.
         grafting: ``"adam"`` (layer-wise Adam grafting) or ``"none"``.
     """
+
+    sharding_reason = SHARDING_REASON
 
     def __init__(
         self,
@@ -146,55 +144,37 @@ class Shampoo(FP32StateMixin, Optimizer):
         )
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, refusing sharded (``DTensor``) parameters."""
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            reject_dtensor(p, "Shampoo", SHARDING_REASON)
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            grad = p.grad.to(state_dtype(p))
+            if not state:
+                self._init_state(p, grad, group)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step.
-
-        Args:
-            closure: Re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None.
-        """
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            for p in params_with_grad(group, "Shampoo"):
-                state = self.state[p]
-                grad = p.grad.to(state_dtype(p))
-                if not state:
-                    self._init_state(p, grad, group)
-
-                state["step"] += 1
-                step = state["step"]
-                beta1, beta2 = group["betas"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if all(f is None for f in state["GG"]):
-                    update = adam_direction(exp_avg, exp_avg_sq, step, group["betas"], group["eps"])
-                else:
-                    update_factors_(state["GG"], grad, factor_beta(group))
-                    if (step - 1) % group["precondition_frequency"] == 0:
-                        state["precond"] = [
-                            None
-                            if f is None
-                            else damped_matrix_power(f, group["exponent"], group["eps"])
-                            for f in state["GG"]
-                        ]
-                    update = contract(exp_avg / (1 - beta1**step), state["precond"], False)
-                    if group["grafting"] == "adam":
-                        update = graft(
-                            update,
-                            adam_direction(exp_avg, exp_avg_sq, step, group["betas"], group["eps"]),
-                        )
-                apply_update_(p, update, group["lr"], group["lr"], group["weight_decay"])
-        return loss
+            state["step"] += 1
+            step = state["step"]
+            beta1, beta2 = group["betas"]
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            if all(f is None for f in state["GG"]):
+                update = adam_direction(exp_avg, exp_avg_sq, step, group["betas"], group["eps"])
+            else:
+                update_factors_(state["GG"], grad, factor_beta(group))
+                if (step - 1) % group["precondition_frequency"] == 0:
+                    state["precond"] = [
+                        None
+                        if f is None
+                        else damped_matrix_power(f, group["exponent"], group["eps"])
+                        for f in state["GG"]
+                    ]
+                update = contract(exp_avg / (1 - beta1**step), state["precond"], False)
+                if group["grafting"] == "adam":
+                    update = graft(
+                        update,
+                        adam_direction(exp_avg, exp_avg_sq, step, group["betas"], group["eps"]),
+                    )
+            apply_update_(p, update, group["lr"], group["lr"], group["weight_decay"])
 
     def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """Zero moments and factors; the roots are computed on the first step."""

@@ -1,18 +1,15 @@
 """Signum: the sign of an EMA momentum (Bernstein et al. 2018)."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lm_opt.optim.state import (
-    FP32StateMixin,
+    BaseOptimizer,
     check_args,
-    closure_loss,
     copy_back_,
-    params_with_grad,
     use_foreach,
     zeros_state,
 )
@@ -31,7 +28,7 @@ def signum_update(
 
     The update is computed in ``exp_avg``'s dtype and cast back into ``param``.
     """
-    exp_avg.mul_(momentum).add_(grad.to(exp_avg.dtype), alpha=1 - momentum)
+    exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - momentum)
     work = param.to(exp_avg.dtype)
     if weight_decay != 0:
         work.mul_(1 - lr * weight_decay)
@@ -50,10 +47,7 @@ def signum_update_foreach(
     weight_decay: float,
 ) -> None:
     """:func:`signum_update` over lists of tensors with ``torch._foreach_*`` kernels."""
-    torch._foreach_mul_(exp_avgs, momentum)
-    torch._foreach_add_(
-        exp_avgs, [g.to(m.dtype) for g, m in zip(grads, exp_avgs)], alpha=1 - momentum
-    )
+    torch._foreach_lerp_(exp_avgs, [g.to(m.dtype) for g, m in zip(grads, exp_avgs)], 1 - momentum)
     work = [p.to(m.dtype) for p, m in zip(params, exp_avgs)]
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
@@ -61,7 +55,7 @@ def signum_update_foreach(
     copy_back_(params, work)
 
 
-class Signum(FP32StateMixin, Optimizer):
+class Signum(BaseOptimizer):
     r"""Signum: sign descent on an EMA momentum, with decoupled weight decay.
 
     From "signSGD: Compressed Optimisation for Non-Convex Problems" (Bernstein et
@@ -106,29 +100,12 @@ class Signum(FP32StateMixin, Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step.
-
-        Args:
-            closure: Re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None.
-        """
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            params = params_with_grad(group, "Signum")
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            exp_avgs = zeros_state(self, params, "exp_avg")
-            hyper = dict(
-                lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"]
-            )
-            if use_foreach(group, params):
-                signum_update_foreach(params, grads, exp_avgs, **hyper)
-            else:
-                for p, g, m in zip(params, grads, exp_avgs):
-                    signum_update(p, g, m, **hyper)
-        return loss
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        grads = [p.grad for p in params]
+        exp_avgs = zeros_state(self, params, "exp_avg")
+        hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
+        if use_foreach(group, params):
+            signum_update_foreach(params, grads, exp_avgs, **hyper)
+        else:
+            for p, g, m in zip(params, grads, exp_avgs):
+                signum_update(p, g, m, **hyper)

@@ -1,11 +1,10 @@
 """SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al. 2024)."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lm_opt.optim.kronecker import (
     SHARDING_REASON,
@@ -19,11 +18,8 @@ from lm_opt.optim.kronecker import (
     update_factors_,
 )
 from lm_opt.optim.state import (
-    FP32StateMixin,
-    closure_loss,
+    BaseOptimizer,
     group_of,
-    params_with_grad,
-    reject_dtensor,
     state_dtype,
 )
 
@@ -82,7 +78,7 @@ def rms(x: Tensor) -> Tensor:
     return x.square().mean().sqrt() + 1e-30
 
 
-class SOAP(FP32StateMixin, Optimizer):
+class SOAP(BaseOptimizer):
     r"""SOAP: ShampoO with Adam in the Preconditioner's eigenbasis.
 
     From "SOAP: Improving and Stabilizing Shampoo using Adam" (Vyas et al. 2024,
@@ -120,10 +116,10 @@ class SOAP(FP32StateMixin, Optimizer):
     a square one: three times AdamW. State is float32 even for bf16/fp16 parameters
     (the update is computed in float32 and cast back); float64 parameters keep float64.
 
-    Sharded parameters are not supported: a ``DTensor`` parameter (FSDP2) raises
-    ``RuntimeError``, since :math:`G G^\top` needs the whole tensor. Supporting it would
-    take an all-gather of each gradient (or a reduction of per-shard Gram matrices)
-    and the bases replicated or owned by one rank.
+    Sharded parameters are not supported: a ``DTensor`` parameter (FSDP2) raises a
+    ``RuntimeError`` naming SOAP, since :math:`G G^\top` needs the whole tensor.
+    Supporting it would take an all-gather of each gradient (or a reduction of
+    per-shard Gram matrices) and the bases replicated or owned by one rank.
 
     Args:
         params: Parameters or parameter groups to optimize.
@@ -141,6 +137,8 @@ class SOAP(FP32StateMixin, Optimizer):
             decides how a 4-D tensor's dims merge.
         correct_bias: Use Adam's bias correction in the step size.
     """
+
+    sharding_reason = SHARDING_REASON
 
     def __init__(
         self,
@@ -181,56 +179,38 @@ class SOAP(FP32StateMixin, Optimizer):
         )
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group, refusing sharded (``DTensor``) parameters."""
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            reject_dtensor(p, "SOAP", SHARDING_REASON)
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            grad = to_precond_layout(p.grad.to(state_dtype(p)), group)
+            if not state:
+                self._init_state(p, grad, group)
+                continue
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step.
+            state["step"] += 1
+            beta1, beta2 = group["betas"]
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            grad_rotated = contract(grad, state["Q"], transpose=True)
+            exp_avg.mul_(beta1).add_(grad_rotated, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad_rotated, grad_rotated, value=1 - beta2)
+            update = contract(
+                exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), state["Q"], transpose=False
+            )
+            if group["normalize_grads"]:
+                update.div_(rms(update))
+            apply_update_(
+                p,
+                from_precond_layout(update, p.shape, group),
+                soap_step_size(group, state["step"]),
+                group["lr"],
+                group["weight_decay"],
+            )
 
-        Args:
-            closure: Re-evaluates the model and returns the loss.
-
-        Returns:
-            The loss returned by ``closure``, or None.
-        """
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            for p in params_with_grad(group, "SOAP"):
-                state = self.state[p]
-                grad = to_precond_layout(p.grad.to(state_dtype(p)), group)
-                if not state:
-                    self._init_state(p, grad, group)
-                    continue
-
-                state["step"] += 1
-                beta1, beta2 = group["betas"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                grad_rotated = contract(grad, state["Q"], transpose=True)
-                exp_avg.mul_(beta1).add_(grad_rotated, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad_rotated, grad_rotated, value=1 - beta2)
-                update = contract(
-                    exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), state["Q"], transpose=False
-                )
-                if group["normalize_grads"]:
-                    update.div_(rms(update))
-                apply_update_(
-                    p,
-                    from_precond_layout(update, p.shape, group),
-                    soap_step_size(group, state["step"]),
-                    group["lr"],
-                    group["weight_decay"],
-                )
-
-                # The factors take the current gradient only now, after it was projected
-                # with a basis built from earlier gradients alone.
-                update_factors_(state["GG"], grad, factor_beta(group))
-                if state["step"] % group["precondition_frequency"] == 0:
-                    self._refresh_bases(state)
-        return loss
+            # The factors take the current gradient only now, after it was projected
+            # with a basis built from earlier gradients alone.
+            update_factors_(state["GG"], grad, factor_beta(group))
+            if state["step"] % group["precondition_frequency"] == 0:
+                self._refresh_bases(state)
 
     def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
         """First step: statistics from this gradient and their ``eigh`` bases, no update."""

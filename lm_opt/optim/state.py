@@ -1,8 +1,8 @@
 """What the optimizers of `lm_opt.optim` share around their math.
 
-float32 state for bf16/fp16 parameters (and a `load_state_dict` that keeps it), the
-argument checks of the AdamW-shaped constructors, the closure, the walk over the
-parameters that have a gradient, the foreach choice, and the refusal of sharded
+Their base class (the closure, the walk over the parameters that have a gradient, and a
+`load_state_dict` that keeps float32 state for bf16/fp16 parameters), the argument
+checks of the AdamW-shaped constructors, the foreach choice, and the refusal of sharded
 (`DTensor`) parameters by optimizers that need whole-tensor statistics.
 """
 
@@ -66,26 +66,6 @@ def reject_dtensor(param: Tensor, optimizer_name: str, reason: str) -> None:
         )
 
 
-def closure_loss(closure: Callable[[], float] | None) -> float | None:
-    """Evaluate ``closure`` with gradients enabled (``step`` runs under no_grad)."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
-def params_with_grad(group: dict[str, Any], optimizer_name: str) -> list[Tensor]:
-    """The parameters of ``group`` that have a gradient; sparse gradients are refused."""
-    params = []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{optimizer_name} does not support sparse gradients")
-        params.append(p)
-    return params
-
-
 def zeros_state(optimizer: Optimizer, params: list[Tensor], key: str) -> list[Tensor]:
     """Each parameter's ``state[key]``, created on first use as zeros in :func:`state_dtype`."""
     buffers = []
@@ -128,15 +108,61 @@ def _copy_state(value: Any, device: torch.device) -> Any:
     return value
 
 
-class FP32StateMixin:
-    """``load_state_dict`` that keeps float32 state for bf16/fp16 parameters.
+class BaseOptimizer(Optimizer):
+    """An optimizer whose ``step`` hands each group's parameters with a gradient to
+    :meth:`_update_group`, and whose ``load_state_dict`` keeps float32 state.
+
+    A subclass whose statistics span whole tensors sets ``sharding_reason`` (why); its
+    ``add_param_group`` (so its constructor too) then refuses ``DTensor`` parameters with
+    a ``RuntimeError`` naming the optimizer. Elementwise optimizers leave it None and
+    work on FSDP2 shards as they are.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor
     (but ``step``) to its parameter's dtype, which would round float32 moments, factors
-    and bases to bf16. For such parameters the saved state is copied in again as it was
-    saved (nested lists included), on the parameter's device; ``step`` is left as torch
-    placed it. Put it before ``Optimizer`` in the bases.
+    and bases of bf16/fp16 parameters to bf16. For such parameters the saved state is
+    copied in again as it was saved (nested lists included), on the parameter's device;
+    ``step`` is left as torch placed it.
     """
+
+    sharding_reason: str | None = None
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update ``params``, the parameters of ``group`` that have a gradient."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group; sharded parameters only if the update is elementwise."""
+        super().add_param_group(param_group)
+        if self.sharding_reason is None:
+            return
+        try:
+            for p in self.param_groups[-1]["params"]:
+                reject_dtensor(p, type(self).__name__, self.sharding_reason)
+        except RuntimeError:
+            self.param_groups.pop()
+            raise
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss.
+
+        Returns:
+            The loss returned by ``closure``, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if params:
+                self._update_group(group, params)
+        return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping the saved dtypes of low-precision parameters' state."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lm_opt.optim.adafactor import Adafactor, factored_second_moment
+from lm_opt.optim.adafactor import Adafactor, factored_denominator, factored_second_moment
 
 SHAPES_A = [(7,), (5, 3), (2, 3, 4)]
 # A second group: one with gradients, two with all-zero gradients, one without a gradient.
@@ -145,6 +145,16 @@ def test_reconstruction_matches_formula():
     )
     zeros = torch.zeros(3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
     assert torch.equal(factored_second_moment(*zeros), torch.zeros(3, 4, dtype=torch.float64))
+
+
+def test_denominator_is_the_root_of_the_reconstruction():
+    gen = torch.Generator().manual_seed(0)
+    row = torch.rand(2, 3, generator=gen, dtype=torch.float64)
+    col = torch.rand(2, 4, generator=gen, dtype=torch.float64)
+    expected = (factored_second_moment(row, col) / 0.3).sqrt() + 1e-6
+    torch.testing.assert_close(factored_denominator(row, col, 0.3, 1e-6), expected, rtol=1e-12, atol=0)
+    zeros = torch.zeros(3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    assert torch.equal(factored_denominator(*zeros, 0.3, 1e-6), torch.full((3, 4), 1e-6, dtype=torch.float64))
 
 
 def test_reconstruction_is_exact_for_rank_one():

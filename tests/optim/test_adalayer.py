@@ -351,3 +351,17 @@ def test_dtensor_parameters_are_rejected():
             Adalayer([sharded])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_strided_parameter_is_updated_like_a_contiguous_one(foreach):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 6, generator=gen)
+    strided, contiguous = base.t(), base.t().contiguous()
+    grads = [torch.randn(6, 4, generator=gen) for _ in range(3)]
+    opts = [Adalayer([p], lr=1e-2, blocks="row", foreach=foreach) for p in (strided, contiguous)]
+    for g in grads:
+        for p, opt in zip((strided, contiguous), opts):
+            p.grad = g
+            opt.step()
+    assert torch.equal(strided, contiguous)

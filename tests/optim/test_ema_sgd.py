@@ -49,3 +49,36 @@ def test_state_dict_round_trip_continues_bit_for_bit():
 def test_invalid_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         EMASGD([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def _run_mixed(foreach, n_steps=12, opt_state=None):
+    """A bf16, an fp32 and an fp64 tensor; the fp64 one skips a step (own bias correction)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(4, 3, generator=gen).bfloat16(), torch.randn(5, generator=gen),
+              torch.randn(2, 2, generator=gen, dtype=torch.float64)]
+    opt = EMASGD([{"params": params[:2]}, {"params": params[2:], "lr": 0.3}], lr=0.1, weight_decay=0.01,
+                 foreach=foreach)
+    for t in range(n_steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        if t == 2:
+            params[2].grad = None
+        opt.step()
+    return params, opt
+
+
+def test_foreach_equals_per_tensor():
+    (a, opt_a), (b, _) = _run_mixed(False), _run_mixed(True)
+    assert opt_a.state[a[2]]["step"] == 11
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_bf16_params_keep_fp32_state_through_load():
+    params, opt = _run_mixed(True, n_steps=3)
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
+    fresh = [p.clone() for p in params]
+    resumed = EMASGD([{"params": fresh[:2]}, {"params": fresh[2:]}], foreach=True)
+    resumed.load_state_dict(opt.state_dict())
+    assert torch.equal(resumed.state[fresh[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+    assert resumed.state[fresh[0]]["exp_avg"].dtype == torch.float32
