@@ -9,9 +9,7 @@ Runs on the embedded corpus and tokenizer (built on first use), as the quickstar
 import argparse
 import time
 
-import torch
-
-from benchmarks.loop_overhead import bare_steps_per_s
+from benchmarks.loop_overhead import bare_steps_per_s, random_batches
 from lm_opt.data import STATE_KEY, C4DataModule
 
 
@@ -40,9 +38,7 @@ def main():
     dm.prepare_data()
     dm.setup("fit")
     delivered = delivered_tokens_per_s(dm, args.batches)
-    gen = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 32100, (args.batch_size, args.seq_len + 1), generator=gen)}
-               for _ in range(30)]
+    batches = random_batches(30, args.batch_size, args.seq_len)
     consumed = bare_steps_per_s(batches, 30, 5) * args.batch_size * args.seq_len
     print("| | tokens/s |")
     print("| --- | --- |")

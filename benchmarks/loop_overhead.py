@@ -3,7 +3,7 @@
 Same tiny model, same in-memory batches, same AdamW, schedule, z-loss and gradient clipping;
 the two loops alternate in one process, several rounds, and the medians are compared.
 
-    python -m benchmarks.loop_overhead [--steps 60] [--rounds 3] [--batch_size 16] [--seq_len 128]
+    python -m benchmarks.loop_overhead [--steps 25] [--rounds 4] [--batch_size 8] [--seq_len 128]
 """
 
 import argparse
@@ -47,14 +47,14 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_steps_per_s(batches, steps, skip, args) -> float:
+def lightning_steps_per_s(batches, steps, skip, args, extra_callbacks=(), logger=False) -> float:
     torch.manual_seed(0)
     module = LMModule(preset="tiny")
     timer = StepTimer(skip)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+        accelerator="cpu", max_steps=steps, gradient_clip_val=1.0, logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, log_every_n_steps=10,
-        callbacks=[OptimizerCallback(optimizer=ADAMW), TokenThroughput(), DivergenceStop(), timer],
+        callbacks=[OptimizerCallback(optimizer=ADAMW), TokenThroughput(), DivergenceStop(), *extra_callbacks, timer],
     )
     trainer.fit(module, datamodule=Batches(batches, args.batch_size, args.seq_len))
     return (steps - skip) / (timer.end - timer.start)
@@ -78,21 +78,28 @@ def bare_steps_per_s(batches, steps, skip) -> float:
     return (steps - skip - 1) / (time.perf_counter() - start)
 
 
+def random_batches(n: int, batch_size: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 32100, (batch_size, seq_len + 1), generator=gen, dtype=torch.int32)}
+            for _ in range(n)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--skip", type=int, default=10, help="warmup steps not timed")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--skip", type=int, default=5, help="warmup steps not timed")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=128)
     args = parser.parse_args()
-    gen = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 32100, (args.batch_size, args.seq_len + 1), generator=gen, dtype=torch.int32)}
-               for _ in range(args.steps)]
+    batches = random_batches(args.steps, args.batch_size, args.seq_len)
     lightning, bare = [], []
-    for _ in range(args.rounds):
-        lightning.append(lightning_steps_per_s(batches, args.steps, args.skip, args))
-        bare.append(bare_steps_per_s(batches, args.steps, args.skip))
+    for round_ in range(args.rounds):
+        # Alternate which loop goes first: a CPU's speed drifts within a process (allocator, heat).
+        runs = [(lightning, lambda: lightning_steps_per_s(batches, args.steps, args.skip, args)),
+                (bare, lambda: bare_steps_per_s(batches, args.steps, args.skip))]
+        for results, measure in runs[:: 1 if round_ % 2 == 0 else -1]:
+            results.append(measure())
     lit, raw = statistics.median(lightning), statistics.median(bare)
     print(f"| loop | steps/s (median of {args.rounds}) | relative |")
     print("| --- | --- | --- |")
