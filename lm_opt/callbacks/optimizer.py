@@ -7,7 +7,6 @@ when Lightning calls `configure_optimizers`, after DDP/FSDP have wrapped the mod
 joined into one `CompositeOptimizer` when there are several.
 """
 
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +20,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from lm_opt.model import GPT, ROLES
 from lm_opt.optim.composite import CompositeOptimizer
 
-log = logging.getLogger("lm_opt")
+# torch's optimizers whose statistics span whole tensors; lm_opt's say so in `sharding_reason`.
+WHOLE_TENSOR = {torch.optim.Muon: "its Newton-Schulz orthogonalization needs the whole matrix"}
 
-# Optimizers whose update of a coordinate reads only that coordinate: they are exact on FSDP's
-# parameter shards. The others need whole-tensor statistics (block means, row/column means,
-# G G^T, orthogonalization) that a shard does not have.
-ELEMENTWISE = ("torch.optim.AdamW", "torch.optim.Adam", "torch.optim.SGD", "lm_opt.optim.Lion",
-               "lm_opt.optim.Signum", "lm_opt.optim.EMASGD", "lm_opt.optim.ScheduleFreeAdamW")
+
+def sharding_obstacle(cls: type) -> str | None:
+    """Why `cls` cannot update FSDP's parameter shards exactly, or None if it is elementwise."""
+    return getattr(cls, "sharding_reason", None) or WHOLE_TENSOR.get(cls)
+
 
 # Prefixes that wrappers (torch.compile, FSDP, activation checkpointing) add to parameter names.
 _WRAPPER_PREFIXES = re.compile(r"(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
@@ -143,13 +143,11 @@ class OptimizerCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         route_parameters(pl_module.model, self.routes)  # fail on a bad routing before any compute
         if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-            for route in self.routes:
-                if route.optimizer["class_path"] not in ELEMENTWISE:
-                    raise ValueError(
-                        f"route {route.name!r}: {route.optimizer['class_path']} needs whole-tensor statistics, "
-                        f"which {type(trainer.strategy).__name__} shards across devices; use strategy: ddp, "
-                        f"or one of {list(ELEMENTWISE)}"
-                    )
+            for route, cls in zip(self.routes, self.classes):
+                if reason := sharding_obstacle(cls):
+                    raise ValueError(f"route {route.name!r}: {cls.__name__} cannot run under "
+                                     f"{type(trainer.strategy).__name__}, which shards parameters: {reason}; "
+                                     "use strategy: ddp, or an elementwise optimizer (AdamW, SGD, Lion, Signum, ...)")
         pl_module.optimizer_factory = self.build
         # Frozen Adalayer's accumulation steps run at lr 0; the schedule starts after them.
         pl_module.schedule_hold_steps = max(r.optimizer.get("init_args", {}).get("freeze_after") or 0

@@ -120,3 +120,11 @@ def test_frozen_adalayer_keeps_body_v_and_adapts_last_layer_and_norm_v():
             assert not torch.equal(v, v_at_freeze[name]), f"{name} stopped adapting"
         else:
             assert torch.equal(v, v_at_freeze[name]), f"{name} kept adapting after the freeze"
+
+
+def test_optimizers_with_whole_tensor_statistics_are_known_not_to_shard():
+    from lm_opt.callbacks.optimizer import sharding_obstacle
+    from lm_opt.optim import SOAP, Adafactor, Lion, Signum
+
+    assert all(sharding_obstacle(c) for c in (Adalayer, Adafactor, SOAP, torch.optim.Muon))
+    assert not any(sharding_obstacle(c) for c in (torch.optim.AdamW, torch.optim.SGD, Lion, Signum, EMASGD))
