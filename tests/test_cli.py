@@ -24,10 +24,13 @@ def test_fit_writes_tensorboard_events_checkpoint_and_summary(tmp_path):
     assert "val/loss" in {t for t in ("val/loss",) if scalars(run, t)}
 
 
-def test_resumed_run_gives_identical_losses_at_every_step(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd_adalayer_last_norm", "soap", "schedule_free"])
+def test_resumed_run_gives_identical_losses_at_every_step(tmp_path, optimizer):
     """8 steps straight, against 4 steps (interrupted) resumed from last.ckpt to 8: the data
-    position, the optimizer state and the schedule all carry over."""
-    common = ("--data.num_workers", "2", "--trainer.val_check_interval", "2")
+    position, the optimizer state (routed, eigenbases, Schedule-Free's x and y) and the schedule
+    all carry over."""
+    common = ("--data.num_workers", "2", "--trainer.val_check_interval", "2",
+              "--config", f"configs/optim/{optimizer}.yaml")
     fit(*tiny_args(tmp_path, "full", 8, *common))
     fit(*tiny_args(tmp_path, "half", 8, *common, *stop_at(4)))
     assert summary(tmp_path / "half")["steps"] == 4

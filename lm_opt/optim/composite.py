@@ -71,6 +71,9 @@ class CompositeOptimizer(Optimizer):
             raise ValueError(f"checkpoint optimizer state has {found}; this run routes to {len(self.optimizers)}")
         for opt, sd in zip(self.optimizers, inner):
             opt.load_state_dict(sd)
+        # torch's load_state_dict gives each inner optimizer new group dicts: share them again,
+        # or an LR scheduler would keep writing into the old ones.
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
 
     def owner(self, p: torch.Tensor) -> Optimizer:
         """The inner optimizer that updates `p`."""

@@ -100,6 +100,8 @@ def test_composite_state_dict_round_trip_continues_bit_for_bit():
     resumed_optimizer = callback.build(second)
     resumed_optimizer.load_state_dict(optimizer.state_dict())
     assert train(second, resumed_optimizer, range(3, 6)) == uninterrupted[3:]
+    assert all(a is b for a, b in zip(resumed_optimizer.param_groups,
+                                      [g for opt in resumed_optimizer.optimizers for g in opt.param_groups]))
 
 
 def test_frozen_adalayer_keeps_body_v_and_adapts_last_layer_and_norm_v():

@@ -1,9 +1,16 @@
-import copy
-import io
+import functools
 
 import pytest
 import torch
-import torch.distributed as dist
+from optim_harness import (
+    assert_all_equal,
+    assert_foreach_equals_per_tensor,
+    assert_invalid_hyperparameter_raises,
+    random_params,
+    resume_from_state_dict,
+    run_seeded,
+    single_rank_mesh,
+)
 
 from lm_opt.optim.adafactor import Adafactor, factored_denominator, factored_second_moment
 
@@ -16,9 +23,7 @@ BETAS = (0.9, 0.95)
 
 def make_params(dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    group_a = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES_A]
-    group_b = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES_B]
-    return group_a, group_b
+    return random_params(SHAPES_A, gen, dtype), random_params(SHAPES_B, gen, dtype)
 
 
 def set_grads(group_a, group_b, gen):
@@ -42,11 +47,7 @@ def make_optimizer(group_a, group_b, **kwargs):
     )
 
 
-def run(opt, group_a, group_b, n_steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(n_steps):
-        set_grads(group_a, group_b, gen)
-        opt.step()
+run = functools.partial(run_seeded, set_grads)
 
 
 def reference_reconstruction(row, col):
@@ -176,14 +177,13 @@ def test_reconstruction_is_exact_for_rank_one():
 
 
 def test_foreach_equals_per_tensor():
-    runs = []
-    for foreach in [False, True]:
+    def run_with(foreach):
         group_a, group_b = make_params(dtype=torch.float32)
         group_a[1] = group_a[1].bfloat16()
         run(make_optimizer(group_a, group_b, foreach=foreach), group_a, group_b, N_STEPS)
-        runs.append(group_a + group_b)
-    for p, q in zip(*runs):
-        assert torch.equal(p, q)
+        return group_a + group_b
+
+    assert_foreach_equals_per_tensor(run_with)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -193,19 +193,15 @@ def test_state_dict_round_trip_continues_bit_for_bit(foreach):
     opt = make_optimizer(group_a, group_b, foreach=foreach)
     run(opt, group_a, group_b, 10)
 
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    fresh_a, fresh_b = [copy.deepcopy(p) for p in group_a], [copy.deepcopy(p) for p in group_b]
-    resumed = make_optimizer(fresh_a, fresh_b, foreach=foreach)
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer))
+    resumed, fresh_a, fresh_b = resume_from_state_dict(
+        opt, group_a, group_b, functools.partial(make_optimizer, foreach=foreach)
+    )
     for key in ["exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "step"]:
         assert resumed.state[fresh_a[2]][key].dtype == torch.float32
 
     run(opt, group_a, group_b, 10, seed=2)
     run(resumed, fresh_a, fresh_b, 10, seed=2)
-    for p, q in zip(group_a + group_b, fresh_a + fresh_b):
-        assert torch.equal(p, q)
+    assert_all_equal(group_a + group_b, fresh_a + fresh_b)
 
 
 @pytest.mark.parametrize(
@@ -221,8 +217,8 @@ def test_state_dict_round_trip_continues_bit_for_bit(foreach):
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        Adafactor([torch.zeros(2)], **kwargs)
+    make = functools.partial(Adafactor, [torch.zeros(2)])
+    assert_invalid_hyperparameter_raises(make, kwargs, name)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -244,16 +240,9 @@ def test_bf16_params_keep_fp32_state(foreach):
 
 
 def test_refuses_dtensor_parameters():
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        sharded = distribute_tensor(torch.zeros(4, 3), init_device_mesh("cpu", (1,)), [Shard(0)])
+    with single_rank_mesh() as mesh:
+        sharded = distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)])
         with pytest.raises(RuntimeError, match="Adafactor does not support FSDP/DTensor"):
             Adafactor([sharded])
-    finally:
-        if owns_group:
-            dist.destroy_process_group()

@@ -1,8 +1,14 @@
-import copy
-import io
+import functools
 
 import pytest
 import torch
+from optim_harness import (
+    assert_all_equal,
+    assert_foreach_equals_per_tensor,
+    assert_invalid_hyperparameter_raises,
+    resume_from_state_dict,
+    run_scheduled,
+)
 import torch.distributed as dist
 
 from lm_opt.optim.adalayer import Adalayer
@@ -64,12 +70,7 @@ def make_optimizer(
 
 
 def run(opt, params, grad_steps, first_step=1):
-    for t, grads in enumerate(grad_steps, start=first_step):
-        for group, base in zip(opt.param_groups, BASE_LRS):
-            group["lr"] = base * lr_factor(t)
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.to(p.dtype)
-        opt.step()
+    run_scheduled(opt, params, grad_steps, BASE_LRS, lr_factor, first_step)
 
 
 def n_blocks_of(shape, blocks):
@@ -240,8 +241,7 @@ def test_indivisible_chunks_name_shape_and_k():
 
 
 def test_foreach_equals_per_tensor():
-    runs = []
-    for foreach in [False, True]:
+    def run_with(foreach):
         group_a, group_b = make_params(dtype=torch.float32)
         group_a[1] = group_a[1].bfloat16()
         opt = make_optimizer(
@@ -253,9 +253,9 @@ def test_foreach_equals_per_tensor():
             foreach=foreach,
         )
         run(opt, group_a + group_b, make_grads(group_a, group_b, N_STEPS))
-        runs.append(group_a + group_b)
-    for p, q in zip(*runs):
-        assert torch.equal(p, q)
+        return group_a + group_b
+
+    assert_foreach_equals_per_tensor(run_with)
 
 
 @pytest.mark.parametrize("freeze_after", [None, 12])
@@ -267,18 +267,13 @@ def test_state_dict_round_trip_continues_bit_for_bit(freeze_after):
     opt = make_optimizer(group_a, group_b, blocks=("row", 2), freeze_after=freeze_after)
     run(opt, params, grad_steps[:8])
 
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    fresh_a, fresh_b = [copy.deepcopy(p) for p in group_a], [copy.deepcopy(p) for p in group_b]
-    resumed = make_optimizer(fresh_a, fresh_b, blocks=("row", 2), freeze_after=freeze_after)
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer))
+    make = functools.partial(make_optimizer, blocks=("row", 2), freeze_after=freeze_after)
+    resumed, fresh_a, fresh_b = resume_from_state_dict(opt, group_a, group_b, make)
     assert resumed.state[fresh_a[0]]["exp_avg"].dtype == torch.float32
 
     run(opt, params, grad_steps[8:], first_step=9)
     run(resumed, fresh_a + fresh_b, grad_steps[8:], first_step=9)
-    for p, q in zip(params, fresh_a + fresh_b):
-        assert torch.equal(p, q)
+    assert_all_equal(params, fresh_a + fresh_b)
 
 
 def test_bf16_params_keep_fp32_state():
@@ -313,8 +308,8 @@ def test_bf16_params_keep_fp32_state():
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        Adalayer([torch.zeros(6, 2)], **kwargs)
+    make = functools.partial(Adalayer, [torch.zeros(6, 2)])
+    assert_invalid_hyperparameter_raises(make, kwargs, name)
 
 
 def test_block_layout():

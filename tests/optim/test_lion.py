@@ -1,9 +1,17 @@
-import copy
-import io
+import functools
 
 import pytest
 import torch
-import torch.distributed as dist
+from optim_harness import (
+    assert_all_equal,
+    assert_foreach_equals_per_tensor,
+    assert_invalid_hyperparameter_raises,
+    closure_step,
+    random_params,
+    resume_from_state_dict,
+    run_seeded,
+    single_rank_mesh,
+)
 
 from lm_opt.optim.lion import Lion
 
@@ -14,9 +22,7 @@ N_STEPS = 25
 def make_params(dtype=torch.float64, seed=0):
     """Parameters of several shapes, one more for a second group, a zero-grad and a no-grad one."""
     gen = torch.Generator().manual_seed(seed)
-    group_a = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
-    group_b = [torch.randn(s, generator=gen, dtype=dtype) for s in [(4, 6), (3,), (2, 2)]]
-    return group_a, group_b
+    return random_params(SHAPES, gen, dtype), random_params([(4, 6), (3,), (2, 2)], gen, dtype)
 
 
 def set_grads(group_a, group_b, gen):
@@ -36,11 +42,7 @@ def make_optimizer(group_a, group_b, **kwargs):
     )
 
 
-def run(opt, group_a, group_b, n_steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(n_steps):
-        set_grads(group_a, group_b, gen)
-        opt.step()
+run = functools.partial(run_seeded, set_grads)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -76,14 +78,13 @@ def test_matches_reference_equations(foreach):
 
 
 def test_foreach_equals_per_tensor():
-    runs = []
-    for foreach in [False, True]:
+    def run_with(foreach):
         group_a, group_b = make_params(dtype=torch.float32)
         group_a[1] = group_a[1].bfloat16()
         run(make_optimizer(group_a, group_b, foreach=foreach), group_a, group_b, N_STEPS)
-        runs.append(group_a + group_b)
-    for p, q in zip(*runs):
-        assert torch.equal(p, q)
+        return group_a + group_b
+
+    assert_foreach_equals_per_tensor(run_with)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -93,18 +94,14 @@ def test_state_dict_round_trip_continues_bit_for_bit(foreach):
     opt = make_optimizer(group_a, group_b, foreach=foreach)
     run(opt, group_a, group_b, 10)
 
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    fresh_a, fresh_b = [copy.deepcopy(p) for p in group_a], [copy.deepcopy(p) for p in group_b]
-    resumed = make_optimizer(fresh_a, fresh_b, foreach=foreach)
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer))
+    resumed, fresh_a, fresh_b = resume_from_state_dict(
+        opt, group_a, group_b, functools.partial(make_optimizer, foreach=foreach)
+    )
     assert resumed.state[fresh_a[0]]["exp_avg"].dtype == torch.float32
 
     run(opt, group_a, group_b, 10, seed=2)
     run(resumed, fresh_a, fresh_b, 10, seed=2)
-    for p, q in zip(group_a + group_b, fresh_a + fresh_b):
-        assert torch.equal(p, q)
+    assert_all_equal(group_a + group_b, fresh_a + fresh_b)
 
 
 @pytest.mark.parametrize(
@@ -118,8 +115,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(foreach):
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        Lion([torch.zeros(2)], **kwargs)
+    assert_invalid_hyperparameter_raises(functools.partial(Lion, [torch.zeros(2)]), kwargs, name)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -138,28 +134,15 @@ def test_bf16_params_keep_fp32_state(foreach):
 
 
 def test_step_returns_closure_loss():
-    p = torch.zeros(3, requires_grad=True)
-    opt = Lion([p], lr=0.1)
-
-    def closure():
-        opt.zero_grad()
-        loss = (p - 1).square().sum()
-        loss.backward()
-        return loss
-
-    assert opt.step(closure).item() == 3.0
+    p, loss = closure_step(Lion, lr=0.1)
+    assert loss.item() == 3.0
     assert torch.equal(p.detach(), torch.full((3,), 0.1))
 
 
 def test_works_on_dtensor():
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
+    with single_rank_mesh() as mesh:
         gen = torch.Generator().manual_seed(0)
         plain = torch.randn(4, 3, generator=gen)
         grads = [torch.randn(4, 3, generator=gen) for _ in range(3)]
@@ -170,6 +153,3 @@ def test_works_on_dtensor():
             opt_plain.step()
             opt_sharded.step()
         assert torch.equal(sharded.full_tensor(), plain)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()

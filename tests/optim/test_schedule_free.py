@@ -1,8 +1,14 @@
-import copy
-import io
+import functools
 
 import pytest
 import torch
+from optim_harness import (
+    assert_all_equal,
+    assert_foreach_equals_per_tensor,
+    assert_invalid_hyperparameter_raises,
+    resume_from_state_dict,
+    run_scheduled,
+)
 
 from lm_opt.optim.schedule_free import ScheduleFreeAdamW
 
@@ -56,12 +62,7 @@ def make_optimizer(group_a, group_b, **kwargs):
 
 
 def run(opt, params, grad_steps, first_step=1):
-    for t, grads in enumerate(grad_steps, start=first_step):
-        for group, base in zip(opt.param_groups, BASE_LRS):
-            group["lr"] = base * lr_factor(t)
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.to(p.dtype)
-        opt.step()
+    run_scheduled(opt, params, grad_steps, BASE_LRS, lr_factor, first_step)
 
 
 def reference_schedule_free(p, grads, base_lr, weight_decay):
@@ -150,17 +151,16 @@ def test_step_in_eval_mode_raises():
 
 
 def test_foreach_equals_per_tensor():
-    runs = []
-    for foreach in [False, True]:
+    def run_with(foreach):
         group_a, group_b = make_params(dtype=torch.float32)
         group_a[1] = group_a[1].bfloat16()
         params = group_a + group_b
         opt = make_optimizer(group_a, group_b, foreach=foreach)
         run(opt, params, make_grads(params, N_STEPS))
         opt.eval()
-        runs.append(params)
-    for p, q in zip(*runs):
-        assert torch.equal(p, q)
+        return params
+
+    assert_foreach_equals_per_tensor(run_with)
 
 
 @pytest.mark.parametrize("save_in_eval_mode", [False, True])
@@ -174,12 +174,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(save_in_eval_mode):
     if save_in_eval_mode:
         opt.eval()
 
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    fresh_a, fresh_b = [copy.deepcopy(p) for p in group_a], [copy.deepcopy(p) for p in group_b]
-    resumed = make_optimizer(fresh_a, fresh_b)
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer))
+    resumed, fresh_a, fresh_b = resume_from_state_dict(opt, group_a, group_b, make_optimizer)
     assert resumed.state[fresh_a[0]]["z"].dtype == torch.float32
     assert resumed.param_groups[0]["train_mode"] is not save_in_eval_mode
     opt.train()
@@ -187,8 +182,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(save_in_eval_mode):
 
     run(opt, params, grad_steps[8:], first_step=9)
     run(resumed, fresh_a + fresh_b, grad_steps[8:], first_step=9)
-    for p, q in zip(params, fresh_a + fresh_b):
-        assert torch.equal(p, q)
+    assert_all_equal(params, fresh_a + fresh_b)
 
 
 def test_bf16_params_keep_fp32_state():
@@ -220,8 +214,8 @@ def test_bf16_params_keep_fp32_state():
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs, name):
-    with pytest.raises(ValueError, match=rf"Invalid {name}\b"):
-        ScheduleFreeAdamW([torch.zeros(3)], **kwargs)
+    make = functools.partial(ScheduleFreeAdamW, [torch.zeros(3)])
+    assert_invalid_hyperparameter_raises(make, kwargs, rf"Invalid {name}\b")
 
 
 def test_step_returns_closure_loss():

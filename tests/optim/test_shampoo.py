@@ -1,27 +1,24 @@
-import copy
 import functools
-import io
-import math
 
 import pytest
 import torch
-import torch.distributed as dist
+from optim_harness import (
+    adamw_best_steps,
+    assert_all_equal,
+    assert_invalid_hyperparameter_raises,
+    best_steps,
+    closure_step,
+    mode_product,
+    random_params,
+    resume_from_state_dict,
+    single_rank_mesh,
+    unfold,
+)
 
 from lm_opt.optim.shampoo import Shampoo
 
 N_STEPS = 25
 FREQ = 4  # inverse roots recomputed at steps 1, 5, 9, ..., 25
-
-
-def unfold(x, i):
-    """Mode-i unfolding: dim i as rows, every other dim flattened into columns."""
-    return x.movedim(i, 0).reshape(x.shape[i], -1)
-
-
-def mode_product(x, mat, i):
-    """``x`` with its dim i multiplied by ``mat`` (``mat @ unfold(x, i)``, folded back)."""
-    rest = [s for j, s in enumerate(x.shape) if j != i]
-    return (mat @ unfold(x, i)).reshape(mat.shape[0], *rest).movedim(0, i)
 
 
 class ReferenceShampoo:
@@ -72,9 +69,8 @@ class ReferenceShampoo:
 
 def make_params(dtype=torch.float64):
     gen = torch.Generator().manual_seed(0)
-    group_a = [torch.randn(s, generator=gen, dtype=dtype) for s in [(6, 6), (7,), (2, 3, 4)]]
-    group_b = [torch.randn(s, generator=gen, dtype=dtype) for s in [(12, 6), (4, 4), (5,), (3, 3)]]
-    return group_a, group_b
+    group_a = random_params([(6, 6), (7,), (2, 3, 4)], gen, dtype)
+    return group_a, random_params([(12, 6), (4, 4), (5,), (3, 3)], gen, dtype)
 
 
 # Group b has max_precond_dim=8, so the 12 of (12, 6) is not preconditioned.
@@ -175,55 +171,9 @@ def test_preconditioners_are_damped_inverse_roots(exponent):
         torch.testing.assert_close(identity, torch.eye(len(factor), dtype=torch.float64))
 
 
-def rotated_quadratic(n=16, cond=300.0):
-    """f(W) = 0.5 tr(W^T A W B), A and B with eigenvalues 1..cond in random bases.
-
-    The Hessian B (x) A is ill-conditioned along directions no coordinate axis matches;
-    W starts with an equal share of the loss on each of its eigendirections.
-    """
-    gen = torch.Generator().manual_seed(0)
-    u = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
-    eig = torch.logspace(0, math.log10(cond), n, dtype=torch.float64)
-    a, b = u @ torch.diag(eig) @ u.T, v @ torch.diag(eig) @ v.T
-    coeffs = torch.randn(n, n, generator=gen, dtype=torch.float64) / torch.outer(eig, eig).sqrt()
-    return a, b, u @ coeffs @ v.T
-
-
-def steps_to_target(make_opt, a, b, w0, max_steps, target=1e-3):
-    """Steps until f(W) <= target * f(W0), or None."""
-    w = w0.clone()
-    opt = make_opt([w])
-    f0 = 0.5 * torch.trace(w0.T @ a @ w0 @ b)
-    for t in range(max_steps):
-        w.grad = a @ w @ b
-        opt.step()
-        loss = 0.5 * torch.trace(w.T @ a @ w @ b)
-        if not torch.isfinite(loss):
-            return None
-        if loss <= target * f0:
-            return t + 1
-    return None
-
-
-def best_steps(make_opt, lrs, max_steps):
-    a, b, w0 = rotated_quadratic()
-    counts = {
-        lr: steps_to_target(functools.partial(make_opt, lr=lr), a, b, w0, max_steps) for lr in lrs
-    }
-    reached = {lr: c for lr, c in counts.items() if c is not None}
-    best_lr = min(reached, key=reached.get)
-    assert best_lr not in (lrs[0], lrs[-1]), f"best lr {best_lr} at the edge of the grid"
-    return reached[best_lr]
-
-
 def test_beats_adam_on_rotated_quadratic():
     lrs = [10 ** (-k / 4) for k in range(6, 12)]  # 10^-1.5 ... 10^-2.75, tuned for each
-    adam = best_steps(
-        lambda p, lr: torch.optim.AdamW(p, lr=lr, betas=(0.95, 0.95), weight_decay=0.0),
-        lrs,
-        max_steps=1000,
-    )
+    adam = adamw_best_steps(lrs, max_steps=1000)
     shampoo = best_steps(lambda p, lr: Shampoo(p, lr=lr), lrs, max_steps=300)
     shampoo2 = best_steps(lambda p, lr: Shampoo(p, lr=lr, exponent=-0.5), lrs, max_steps=300)
     # Measured: AdamW 920 steps, Shampoo 223, Shampoo^2 (exponent -1/2) 168.
@@ -239,20 +189,15 @@ def test_state_dict_round_trip_continues_bit_for_bit():
         set_grads(group_a, group_b, t)
         opt.step()
 
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    fresh_a, fresh_b = [copy.deepcopy(p) for p in group_a], [copy.deepcopy(p) for p in group_b]
-    resumed = make_optimizer(fresh_a, fresh_b)  # the exponent comes from the state dict
-    buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer))
+    resumed, fresh_a, fresh_b = resume_from_state_dict(opt, group_a, group_b, make_optimizer)
+    # the exponent comes from the state dict
 
     for t in range(7, 18):  # crosses the recomputations at steps 9, 13 and 17
         set_grads(group_a, group_b, t)
         set_grads(fresh_a, fresh_b, t)
         opt.step()
         resumed.step()
-    for p, q in zip(group_a + group_b, fresh_a + fresh_b):
-        assert torch.equal(p, q)
+    assert_all_equal(group_a + group_b, fresh_a + fresh_b)
 
 
 def test_bf16_params_keep_fp32_state():
@@ -293,37 +238,21 @@ def test_bf16_params_keep_fp32_state():
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs, name, bad_value):
-    with pytest.raises(ValueError, match=name) as info:
-        Shampoo([torch.zeros(2)], **kwargs)
-    assert bad_value in str(info.value)
+    assert_invalid_hyperparameter_raises(
+        functools.partial(Shampoo, [torch.zeros(2)]), kwargs, name, bad_value
+    )
 
 
 def test_step_returns_closure_loss():
-    p = torch.zeros(3, requires_grad=True)
-    opt = Shampoo([p], lr=0.1)
-
-    def closure():
-        opt.zero_grad()
-        loss = (p - 1).square().sum()
-        loss.backward()
-        return loss
-
-    assert opt.step(closure).item() == 3.0
+    p, loss = closure_step(Shampoo, lr=0.1)
+    assert loss.item() == 3.0
     assert torch.allclose(p.detach(), torch.full((3,), 0.1))  # Adam's first step is lr * sign
 
 
 def test_rejects_dtensor():
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
+    with single_rank_mesh() as mesh:
         sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
         with pytest.raises(RuntimeError, match="Shampoo does not support FSDP/DTensor"):
             Shampoo([sharded])
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
