@@ -80,10 +80,11 @@ class LMOptCLI(LightningCLI):
         # Lightning reads the hyperparameters of ckpt_path right after parsing: check the file first.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path not in (None, "last", "best", "hpc", "registry") and Path(ckpt_path).is_file():
-            check_checkpoint(Path(ckpt_path), vars(self.config[subcommand]["model"]))
-        elif ckpt_path not in (None, "last", "best", "hpc", "registry"):
+        if ckpt_path in (None, "last", "best", "hpc", "registry"):  # Lightning resolves these itself
+            return
+        if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
+        check_checkpoint(Path(ckpt_path), vars(self.config[subcommand]["model"]))
 
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule
@@ -102,8 +103,7 @@ class LMOptCLI(LightningCLI):
             max_tokens=model.hparams.max_tokens,
             tokens_per_param=model.hparams.tokens_per_param,
             num_params=model.model.num_params(),
-            tokens_per_step=data.hparams.batch_size * data.hparams.seq_len * trainer.world_size
-            * trainer.accumulate_grad_batches,
+            tokens_per_step=data.tokens_per_step(trainer),
         )
 
 

@@ -215,6 +215,11 @@ class C4DataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_loader: ResumableLoader | None = None
 
+    def tokens_per_step(self, trainer: L.Trainer) -> int:
+        """Tokens one optimizer step trains on, over all devices and accumulated micro-batches."""
+        return (self.hparams.batch_size * self.hparams.seq_len * trainer.world_size
+                * trainer.accumulate_grad_batches)
+
     def load_documents(self) -> dict[str, HFIterableDataset]:
         """The train and validation document streams, local or from the Hub, before tokenization."""
         path = self.hparams.path

@@ -70,8 +70,7 @@ class LMModule(L.LightningModule):
 
     def tokens_per_step(self) -> int:
         """Tokens consumed by one optimizer step across all devices."""
-        dm = self.trainer.datamodule
-        return dm.hparams.batch_size * dm.hparams.seq_len * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return self.trainer.datamodule.tokens_per_step(self.trainer)
 
     @property
     def flops_per_batch(self) -> float:
