@@ -87,6 +87,16 @@ def test_shipped_sweeps_parse(spec):
         sweep_plan.validate(next(p for p in points if p.optimizer == label))
 
 
+def test_the_readme_sweep_results_are_those_of_the_shipped_spec():
+    """`logs/sweeps/tiny_cpu/results.csv` (the README's figure and table) has one finished or
+    diverged row per point of `configs/sweeps/tiny_cpu.yaml`: a grid edited without rerunning
+    the sweep fails here."""
+    points = sweep_plan.plan(sweep_plan.load_spec(Path("configs/sweeps/tiny_cpu.yaml")))
+    rows = list(csv.DictReader(open("logs/sweeps/tiny_cpu/results.csv")))
+    assert sorted(r["point"] for r in rows) == sorted(p.name for p in points)
+    assert {r["status"] for r in rows} <= {"finished", "diverged"}
+
+
 @pytest.mark.parametrize("change,message", [
     ({"optimisers": {}}, "unknown key(s) ['optimisers']"),
     ({"optimizers": {"adamw": {"config": "configs/optim/adamw.yaml", "grdi": {}}}},
