@@ -1,6 +1,7 @@
 """`python -m lm_opt fit|validate|test ...` (the Lightning CLI), and the study's tools:
 `sweep SPEC`, `report SWEEP_DIR`, `plot-eff-lr RUN_DIR`."""
 
+import os
 import sys
 
 TOOLS = {
@@ -13,7 +14,11 @@ TOOLS = {
 def run() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
         module = __import__(TOOLS[sys.argv[1]], fromlist=["main"])
-        module.main(sys.argv[2:])
+        try:
+            module.main(sys.argv[2:])
+        except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None
     else:
         from lm_opt.cli import main
 

@@ -231,6 +231,15 @@ def test_concurrent_points_get_one_gpu_each(tmp_path, monkeypatch):
     assert set(gpus) == {"3", "5"} and gpus[0] != gpus[1]
 
 
+def test_output_into_a_closed_pipe_ends_without_a_traceback(tmp_path):
+    """`python -m lm_opt sweep ... --dry-run | head -1`: the reader is gone before the writer."""
+    proc = subprocess.Popen([sys.executable, "-m", "lm_opt", "sweep", str(write_spec(tmp_path)), "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.communicate()[1].decode()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+
+
 def test_dry_run_checks_and_lists_but_writes_and_runs_nothing(tmp_path, capsys, no_launch):
     sweep.main([str(write_spec(tmp_path)), "--dry-run"])
     out = capsys.readouterr().out
