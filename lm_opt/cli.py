@@ -98,7 +98,7 @@ class LMOptCLI(LightningCLI):
         last = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
         if self.config[self.subcommand].get("ckpt_path") == "last" and last.is_file():
             check_checkpoint(last, model.hparams)
-        trainer.fit_loop.epoch_loop.max_steps = resolve_max_steps(
+        trainer.fit_loop.epoch_loop.max_steps = optimizer_callbacks[0].hold_steps + resolve_max_steps(
             max_steps=trainer.max_steps,
             max_tokens=model.hparams.max_tokens,
             tokens_per_param=model.hparams.tokens_per_param,

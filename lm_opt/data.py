@@ -184,6 +184,7 @@ class C4DataModule(L.LightningDataModule):
         path: str = "allenai/c4",
         name: str | None = "en",
         tokenizer: str = "t5-base",
+        embedded_vocab: int = 32000,
         seq_len: int = 512,
         batch_size: int = 32,
         num_workers: int = 2,
@@ -196,6 +197,8 @@ class C4DataModule(L.LightningDataModule):
             path: `allenai/c4` (or another Hub dataset id), `embedded`, or a directory of C4-style shards.
             name: The Hub dataset's configuration (`en` for C4); ignored for local data.
             tokenizer: `t5-base` (or any Hub id or local directory), or `embedded` (trained offline).
+            embedded_vocab: Sentencepiece pieces of the `embedded` tokenizer, before T5's 100 extra
+                ids: 32000 as T5; 8000 for CPU-scale models (the `cpu` and `tiny` presets).
             seq_len: Tokens per training sequence; each window holds seq_len + 1 tokens.
             batch_size: Sequences per device and step (the global batch also counts devices and
                 gradient accumulation).
@@ -205,7 +208,7 @@ class C4DataModule(L.LightningDataModule):
             cache_dir: Where the embedded corpus and tokenizer are built (default `~/.cache/lm_opt`).
         """
         super().__init__()
-        for key in ("seq_len", "batch_size", "val_sequences", "tokenize_batch"):
+        for key in ("embedded_vocab", "seq_len", "batch_size", "val_sequences", "tokenize_batch"):
             if locals()[key] < 1:
                 raise ValueError(f"data.{key} must be a positive integer, got {locals()[key]}")
         if num_workers < 0:
@@ -242,7 +245,8 @@ class C4DataModule(L.LightningDataModule):
 
     def _load_tokenizer(self):
         corpus = build_corpus(self.cache_dir / "corpus")["train"] if self.hparams.tokenizer == EMBEDDED else None
-        return load_tokenizer(self.hparams.tokenizer, corpus_files=corpus, cache_dir=self.cache_dir)
+        return load_tokenizer(self.hparams.tokenizer, pieces=self.hparams.embedded_vocab,
+                              corpus_files=corpus, cache_dir=self.cache_dir)
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is not None:

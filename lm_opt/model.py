@@ -1,5 +1,5 @@
-"""Decoder-only transformer of the study: pre-LayerNorm, RoPE, GELU MLP, no biases in linear
-layers, LayerNorm with gain and bias, optional QK-LayerNorm, untied output layer, z-loss."""
+"""Decoder-only transformer of the study: pre-LayerNorm, RoPE, GELU MLP, no biases, LayerNorm
+with a gain and no bias, optional QK-LayerNorm, untied output layer, OLMo's `mitchell` init, z-loss."""
 
 import math
 from dataclasses import dataclass, fields, replace
@@ -37,8 +37,14 @@ class ModelConfig:
     """Coefficient of the z-loss `z_loss * logsumexp(logits)**2`; 0 turns it off."""
     rope_base: float = 10000.0
     """RoPE frequency base."""
+    norm_bias: bool = False
+    """Give every LayerNorm a bias (the study's LayerNorms have a gain only)."""
+    init: Literal["mitchell", "normal"] = "mitchell"
+    """`mitchell` (the study's, OLMo's): truncated normal at +-3 sigma, sigma = 1/sqrt(fan_in), the
+    out-projections of block l further divided by sqrt(2 (l + 1)). `normal` (GPT-2's): normal(0,
+    init_std), the out-projections divided by sqrt(2 n_layer)."""
     init_std: float = 0.02
-    """Standard deviation of the normal initialisation of embeddings and matrices."""
+    """Standard deviation of the `normal` init (unused by `mitchell`)."""
 
     def __post_init__(self):
         for name in ("n_layer", "n_embd", "n_head", "mlp_ratio", "vocab_size", "block_size"):
@@ -48,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        if self.init not in ("mitchell", "normal"):
+            raise ValueError(f"model.init must be 'mitchell' or 'normal', got {self.init!r}")
         if self.z_loss < 0:
             raise ValueError(f"model.z_loss must be >= 0, got {self.z_loss}")
 
@@ -62,7 +70,7 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
-        """A named preset (`tiny`, `150m`, `300m`, `600m`, `1.2b`), optionally with fields overridden."""
+        """A named preset (`tiny`, `cpu`, `150m`, `300m`, `600m`, `1.2b`), with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
         known = {f.name for f in fields(cls)}
@@ -72,9 +80,12 @@ class ModelConfig:
         return replace(PRESETS[name], **overrides)
 
 
-# Sizes of the study (REFERENCE.md); `tiny` trains in minutes on 2 CPU cores.
+# Sizes of the study (REFERENCE.md) on T5's 32100-token vocabulary. `cpu` is the CPU study's model
+# for the embedded 8000-piece tokenizer (8100 tokens): its 4 blocks, not the embedding and the
+# output layer, do most of the work. `tiny` runs tests in seconds.
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(n_layer=2, n_embd=128, n_head=4, block_size=128),
+    "tiny": ModelConfig(n_layer=2, n_embd=128, n_head=4, vocab_size=8100, block_size=128),
+    "cpu": ModelConfig(n_layer=4, n_embd=256, n_head=4, vocab_size=8100, block_size=128),
     "150m": ModelConfig(n_layer=12, n_embd=1024, n_head=16),
     "300m": ModelConfig(n_layer=24, n_embd=1024, n_head=16),
     "600m": ModelConfig(n_layer=24, n_embd=1408, n_head=22),
@@ -96,6 +107,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.type_as(x)
 
 
+def layer_norm(config: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.n_embd, bias=config.norm_bias)
+
+
+def init_matrix(weight: torch.Tensor, config: ModelConfig, fan_in: int, depth_scale: float) -> None:
+    """Initialise one matrix: `mitchell` std 1/sqrt(fan_in) cut at 3 std, or `normal` init_std;
+    `depth_scale` divides the std of the residual out-projections."""
+    if config.init == "mitchell":
+        std = 1 / math.sqrt(fan_in) / depth_scale
+        nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+    else:
+        nn.init.normal_(weight, mean=0.0, std=config.init_std / depth_scale)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -103,8 +128,8 @@ class CausalSelfAttention(nn.Module):
         # Q, K and V fused along dim 0: Adalayer treats the three as separate blocks.
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.q_norm = nn.LayerNorm(config.n_embd) if config.qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(config.n_embd) if config.qk_norm else nn.Identity()
+        self.q_norm = layer_norm(config) if config.qk_norm else nn.Identity()
+        self.k_norm = layer_norm(config) if config.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -129,9 +154,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(config.n_embd)
+        self.attn_norm = layer_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.mlp_norm = nn.LayerNorm(config.n_embd)
+        self.mlp_norm = layer_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,7 +172,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = nn.LayerNorm(config.n_embd)
+        self.norm = layer_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         cos, sin = rope_tables(config.block_size, config.head_size, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -155,13 +180,17 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for embeddings and matrices, with the residual output projections
-        scaled by 1/sqrt(2 n_layer) (GPT-2); LayerNorms start at gain 1, bias 0."""
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                scale = math.sqrt(2 * self.config.n_layer) if name.endswith(".proj.weight") else 1.0
-                nn.init.normal_(p, mean=0.0, std=std / scale)
+        """The embedding, QKV, MLP in-projection and output layer have fan-in n_embd; the residual
+        out-projections (attention out, MLP out) are scaled down with depth. LayerNorms start at
+        gain 1 (bias 0)."""
+        c = self.config
+        init_matrix(self.wte.weight, c, c.n_embd, 1.0)  # OLMo: the embedding's "fan_in" is d_model
+        init_matrix(self.lm_head.weight, c, c.n_embd, 1.0)
+        for layer, block in enumerate(self.blocks):
+            depth = math.sqrt(2 * (layer + 1)) if c.init == "mitchell" else math.sqrt(2 * c.n_layer)
+            for linear, scale in ((block.attn.qkv, 1.0), (block.attn.proj, depth),
+                                  (block.mlp.fc, 1.0), (block.mlp.proj, depth)):
+                init_matrix(linear.weight, c, linear.in_features, scale)
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
@@ -212,12 +241,14 @@ class GPT(nn.Module):
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy and mean z-loss `z_loss * logsumexp(logits)**2` over tokens.
 
-    Computed in float32: the logsumexp of bf16 logits loses the precision z-loss relies on.
+    One log-sum-exp serves both: CE = lse - logit[target], z-loss = z_loss * lse**2, so the
+    logits are read once forward and once backward (cross_entropy plus a separate logsumexp read
+    them twice each). Computed in float32: the logsumexp of bf16 logits loses the precision
+    z-loss relies on.
     """
     logits = logits.float().flatten(0, 1)
     targets = targets.flatten()
-    ce = F.cross_entropy(logits, targets)
-    if z_loss == 0:
-        return ce, torch.zeros((), device=logits.device)
-    z = z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = (lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)).mean()
+    z = z_loss * lse.pow(2).mean() if z_loss else torch.zeros((), device=logits.device)
     return ce, z

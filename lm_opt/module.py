@@ -56,6 +56,13 @@ class LMModule(L.LightningModule):
         self.optimizer_factory: OptimizerFactory | None = None
         self.schedule_hold_steps = 0
 
+    def setup(self, stage: str) -> None:
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
+        if tokenizer is not None and len(tokenizer) > self.config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                             f"{self.config.vocab_size} (preset {self.hparams.preset!r}): set "
+                             "model.arch.vocab_size, or data.embedded_vocab to match the preset")
+
     def configure_model(self) -> None:
         if self.hparams.compile:
             self.model = torch.compile(self.model)

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "overrides")
+SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "overrides")
 OPTIMIZER_KEYS = ("config", "grid")
 OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""

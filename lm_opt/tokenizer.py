@@ -2,10 +2,15 @@
 
 The "embedded" tokenizer is a sentencepiece unigram model with T5's id layout (pad 0, eos 1,
 unk 2, no bos, 32000 pieces, then 100 `<extra_id_*>`), so a model sized for `t5-base` fits it
-unchanged. It is trained once on a bounded sample of the embedded corpus and cached; training
-happens in a temporary directory renamed into place, so an interrupted run is never reused.
+unchanged; CPU-scale runs use fewer pieces (`data.embedded_vocab: 8000`) so that the transformer
+body, not the embedding and the output layer, holds most of a small model's compute. It is
+trained once on the embedded corpus and cached; training happens in a temporary directory
+renamed into place, so an interrupted run is never reused. Training is single-threaded because
+sentencepiece's result depends on its thread count; with the pinned corpus and sentencepiece,
+every machine gets the same `spiece.model` (`SPIECE_SHA256`, checked by a test).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +34,10 @@ T5_VOCAB_SIZE = 32000
 # Enough text for 32000 pieces (6 MB of docstrings is not); training on it takes 10-20 s.
 SAMPLE_BYTES = 12_000_000
 TOKENIZER_FILES = ("tokenizer.json", SPIECE, "tokenizer.model", "vocab.json", "vocab.txt")
-MAX_THREADS = 16
+# `vocabulary_sha256` of the trained model per piece count, from the pinned corpus and sentencepiece.
+SPIECE_SHA256 = {
+    8000: "02c1ccbf01b747e28ca5878ea645cbd100247dfdb823203431c0a8193e1731d3",
+}
 
 
 def sample_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -44,13 +52,24 @@ def sample_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
                 yield line
 
 
+def read_marker(out_dir: Path) -> dict:
+    """What a trained directory says of itself (`vocab_size`, `sha256`); {} if incomplete."""
+    try:
+        return json.loads((Path(out_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def is_trained(out_dir: Path, vocab_size: int) -> bool:
     """Whether `out_dir` holds a complete tokenizer trained with `vocab_size` pieces."""
-    try:
-        marker = json.loads((out_dir / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return marker.get("vocab_size") == vocab_size and (out_dir / "tokenizer.json").is_file()
+    return read_marker(out_dir).get("vocab_size") == vocab_size and (out_dir / "tokenizer.json").is_file()
+
+
+def vocabulary_sha256(model_file: Path) -> str:
+    """SHA-256 of a sentencepiece model's pieces and scores (its file also holds temporary paths)."""
+    processor = spm.SentencePieceProcessor(model_file=str(model_file))
+    entries = (f"{processor.id_to_piece(i)}\t{processor.get_score(i)!r}\n" for i in range(len(processor)))
+    return hashlib.sha256("".join(entries).encode("utf-8")).hexdigest()
 
 
 def train_spiece(lines: Iterator[str], model_prefix: Path, vocab_size: int) -> None:
@@ -63,7 +82,7 @@ def train_spiece(lines: Iterator[str], model_prefix: Path, vocab_size: int) -> N
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines, model_prefix=str(model_prefix), model_type="unigram",
             vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-            num_threads=min(os.cpu_count() or 1, MAX_THREADS), minloglevel=2)
+            num_threads=1, minloglevel=2)
     except RuntimeError as err:  # most often: too little text for `vocab_size` pieces
         raise RuntimeError(f"training a {vocab_size}-piece tokenizer failed: {err}") from err
 
@@ -101,7 +120,11 @@ def train_t5_like_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int
         (tmp / "spiece.vocab").unlink()
         # T5Tokenizer adds the 100 extra ids; saving it writes the fast tokenizer's files.
         T5Tokenizer.from_pretrained(tmp).save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"vocab_size": vocab_size}))
+        sha256 = vocabulary_sha256(tmp / SPIECE)
+        if vocab_size in SPIECE_SHA256 and sha256 != SPIECE_SHA256[vocab_size]:
+            log.warning("embedded tokenizer sha256 %s differs from the pinned %s: results will not "
+                        "match the README's", sha256, SPIECE_SHA256[vocab_size])
+        (tmp / MARKER).write_text(json.dumps({"vocab_size": vocab_size, "sha256": sha256}))
         publish(tmp, out_dir, vocab_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,23 +156,24 @@ def from_hub(name: str) -> PreTrainedTokenizerBase:
         ) from err
 
 
-def load_tokenizer(name: str, *, corpus_files: list[str] | None = None,
+def load_tokenizer(name: str, *, pieces: int = T5_VOCAB_SIZE, corpus_files: list[str] | None = None,
                    cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
     """The fast tokenizer `name`: "embedded", a local directory, or a Hub id such as "t5-base".
 
     Args:
-        name: What to load; "embedded" trains or reuses a tokenizer in `cache_dir/tokenizer`.
+        name: What to load; "embedded" trains or reuses one in `cache_dir/tokenizer-<pieces>`.
+        pieces: Sentencepiece pieces of the "embedded" tokenizer, before T5's 100 extra ids.
         corpus_files: Text shards to train "embedded" on; by default the embedded corpus's.
         cache_dir: Root of the cache; by default `default_cache_dir()`.
     """
     source = name
     if name == EMBEDDED:
         cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        out_dir = cache_dir / "tokenizer"
-        if not is_trained(out_dir, T5_VOCAB_SIZE):
+        out_dir = cache_dir / f"tokenizer-{pieces}"
+        if not is_trained(out_dir, pieces):
             if corpus_files is None:
                 corpus_files = build_corpus(cache_dir / "corpus")["train"]
-            train_t5_like_tokenizer(iter_texts(corpus_files), out_dir)
+            train_t5_like_tokenizer(iter_texts(corpus_files), out_dir, pieces)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
         source = f"{name} ({out_dir})"
     elif Path(name).is_dir():

@@ -149,9 +149,13 @@ class OptimizerCallback(L.Callback):
                                      f"{type(trainer.strategy).__name__}, which shards parameters: {reason}; "
                                      "use strategy: ddp, or an elementwise optimizer (AdamW, SGD, Lion, Signum, ...)")
         pl_module.optimizer_factory = self.build
-        # Frozen Adalayer's accumulation steps run at lr 0; the schedule starts after them.
-        pl_module.schedule_hold_steps = max(r.optimizer.get("init_args", {}).get("freeze_after") or 0
-                                            for r in self.routes)
+        pl_module.schedule_hold_steps = self.hold_steps
+
+    @property
+    def hold_steps(self) -> int:
+        """Frozen Adalayer's accumulation steps: they run at lr 0, the schedule starts after them,
+        and the run is lengthened by them (the study trains 25000 steps after 1000 of them)."""
+        return max(r.optimizer.get("init_args", {}).get("freeze_after") or 0 for r in self.routes)
 
     @staticmethod
     def _modal_optimizers(trainer: L.Trainer) -> list[torch.optim.Optimizer]:

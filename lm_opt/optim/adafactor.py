@@ -56,7 +56,11 @@ def _accumulate_second_moment(
         reuse as its output, or None for a full ``v``.
     """
     if "exp_avg_sq" in state:
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        v = state["exp_avg_sq"]
+        if v.ndim == 0 and grad.ndim > 0:  # one scalar for the whole vector: the mean of g^2
+            v.mul_(beta2).add_(grad.square().mean(), alpha=1 - beta2)
+        else:
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         return None
     grad_sq = grad.square()
     state["exp_avg_sq_row"].mul_(beta2).add_(grad_sq.mean(dim=-1), alpha=1 - beta2)
@@ -70,13 +74,14 @@ def _denominator(
     """``sqrt(v / (1 - beta2^t)) + eps``; a factored ``v``'s is written into ``out`` if given."""
     bias_correction2 = 1 - beta2 ** state["step"].item()
     if "exp_avg_sq" in state:
-        return state["exp_avg_sq"].div(bias_correction2).sqrt_().add_(eps)
+        denom = state["exp_avg_sq"].div(bias_correction2).sqrt_().add_(eps)
+        return denom.expand_as(state["exp_avg"])
     return factored_denominator(
         state["exp_avg_sq_row"], state["exp_avg_sq_col"], bias_correction2, eps, out=out
     )
 
 
-def _init_state(param: Tensor, state: dict[str, Tensor]) -> None:
+def _init_state(param: Tensor, state: dict[str, Tensor], vector_moment: str) -> None:
     dtype = state_dtype(param)
     # On the CPU, as torch.optim keeps it: reading it for bias correction costs no sync.
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -84,6 +89,8 @@ def _init_state(param: Tensor, state: dict[str, Tensor]) -> None:
     if param.ndim >= 2:
         state["exp_avg_sq_row"] = param.new_zeros(param.shape[:-1], dtype=dtype)
         state["exp_avg_sq_col"] = param.new_zeros(param.shape[:-2] + param.shape[-1:], dtype=dtype)
+    elif vector_moment == "scalar":
+        state["exp_avg_sq"] = param.new_zeros((), dtype=dtype)
     else:
         state["exp_avg_sq"] = torch.zeros_like(
             param, dtype=dtype, memory_format=torch.preserve_format
@@ -171,13 +178,16 @@ class Adafactor(BaseOptimizer):
         p &\leftarrow p \, (1 - \eta_t \lambda)
             - \eta_t \, \frac{m / (1 - \beta_1^t)}{\sqrt{V / (1 - \beta_2^t)} + \epsilon}
 
-    Tensors with fewer than two dims keep Adam's full second moment
-    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g_t^2` in place of :math:`V`.
+    A vector (a LayerNorm gain) gets one scalar second moment, as in the study's code:
+    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) \operatorname{mean}_i g_{t,i}^2` in place of
+    :math:`V` (``vector_moment="scalar"``); ``vector_moment="full"`` keeps Adam's
+    per-coordinate :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g_t^2` instead.
 
     State: ``step``; ``exp_avg`` (:math:`m`); ``exp_avg_sq_row`` (:math:`R`) and
     ``exp_avg_sq_col`` (:math:`C`) for tensors with two or more dims, else
-    ``exp_avg_sq`` (:math:`v`). In float32 that is about 4 bytes per parameter for
-    matrices (plus 4 bytes per row and per column) and 8 for vectors. The state is
+    ``exp_avg_sq`` (:math:`v`: a 0-dim tensor, or per coordinate with ``"full"``). In
+    float32 that is about 4 bytes per parameter (plus 4 bytes per row and per column, or 4
+    more per coordinate of a vector with ``"full"``). The state is
     float32 even for bf16/fp16 parameters (the update is computed in float32 and
     cast back); float64 parameters keep float64 state.
 
@@ -192,6 +202,8 @@ class Adafactor(BaseOptimizer):
             moments.
         eps: Added to the square root of the second moment (1e-15 in the study).
         weight_decay: Decoupled weight decay :math:`\lambda` (multiplied by the lr).
+        vector_moment: ``"scalar"`` (the study's): one second moment per vector;
+            ``"full"``: one per coordinate, as Adam.
         foreach: Use ``torch._foreach_*`` kernels for the elementwise parts. ``None``
             picks them when all tensors of a group are dense and on one device.
     """
@@ -206,11 +218,15 @@ class Adafactor(BaseOptimizer):
         eps: float = 1e-15,
         weight_decay: float = 0.0,
         *,
+        vector_moment: str = "scalar",
         foreach: bool | None = None,
     ) -> None:
         check_args(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if vector_moment not in ("scalar", "full"):
+            raise ValueError(f"Invalid vector_moment: {vector_moment!r} (must be 'scalar' or 'full')")
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            vector_moment=vector_moment, foreach=foreach,
         )
         super().__init__(params, defaults)
 
@@ -219,7 +235,7 @@ class Adafactor(BaseOptimizer):
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:
-                _init_state(p, state)
+                _init_state(p, state, group["vector_moment"])
         beta1, beta2 = group["betas"]
         hyper = dict(
             lr=group["lr"],

@@ -62,8 +62,9 @@ def reference_reconstruction(row, col):
 class ReferenceAdafactor:
     """The equations of Adafactor*, one tensor at a time, written out plainly."""
 
-    def __init__(self, p):
+    def __init__(self, p, vector_moment="scalar"):
         self.p, self.m, self.t = p.clone(), torch.zeros_like(p), 0
+        self.vector_moment = vector_moment
         if p.ndim >= 2:
             self.row = torch.zeros(p.shape[:-1], dtype=p.dtype)
             self.col = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=p.dtype)
@@ -85,17 +86,20 @@ class ReferenceAdafactor:
         if self.p.ndim >= 2:
             self.row = beta2 * self.row + (1 - beta2) * (g**2).mean(dim=-1)
             self.col = beta2 * self.col + (1 - beta2) * (g**2).mean(dim=-2)
+        elif self.vector_moment == "scalar":  # the study's code: mean(dim=[]) over the vector
+            self.v = beta2 * self.v + (1 - beta2) * (g**2).mean() * torch.ones_like(g)
         else:
             self.v = beta2 * self.v + (1 - beta2) * g**2
         m_hat = self.m / (1 - beta1**self.t)
         self.p = self.p * (1 - lr * weight_decay) - lr * m_hat / (self.v_hat().sqrt() + eps)
 
 
+@pytest.mark.parametrize("vector_moment", ["scalar", "full"])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_matches_reference_equations(foreach):
+def test_matches_reference_equations(foreach, vector_moment):
     group_a, group_b = make_params()
-    refs = [ReferenceAdafactor(p) for p in group_a + group_b]
-    opt = make_optimizer(group_a, group_b, foreach=foreach)
+    refs = [ReferenceAdafactor(p, vector_moment) for p in group_a + group_b]
+    opt = make_optimizer(group_a, group_b, foreach=foreach, vector_moment=vector_moment)
     hypers = [(1e-2, 1e-15, 0.1)] * len(group_a) + [(3e-3, 1e-3, 0.0)] * len(group_b)
     gen = torch.Generator().manual_seed(1)
     for t in range(N_STEPS):
@@ -135,6 +139,23 @@ def test_state_is_factored_over_the_last_two_dims():
     assert opt.state[p]["exp_avg_sq_col"].shape == (2, 4)
     assert set(opt.state[vector]) == {"step", "exp_avg", "exp_avg_sq"}
     assert opt.state[p]["step"].dtype == torch.float32
+
+
+def test_a_vector_has_one_second_moment_the_mean_of_its_squared_gradient():
+    """The study's Adafactor* (and its SGD + Adafactor hybrid): `mean(dim=[])` over a 1-D tensor."""
+    vector = torch.zeros(4, dtype=torch.float64)
+    opt = Adafactor([vector], lr=1.0, betas=(0.0, 0.5), eps=1e-300)
+    vector.grad = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    opt.step()
+    # v = (1 - 0.5) * mean(g^2) = 0.5 * 7.5; v_hat = v / (1 - 0.5) = 7.5; update g / sqrt(7.5).
+    assert opt.state[vector]["exp_avg_sq"].shape == ()
+    torch.testing.assert_close(opt.state[vector]["exp_avg_sq"], torch.tensor(3.75, dtype=torch.float64))
+    torch.testing.assert_close(vector, -vector.grad / 7.5**0.5)
+    full = torch.zeros(4, dtype=torch.float64)
+    full.grad = vector.grad.clone()
+    opt_full = Adafactor([full], lr=1.0, betas=(0.0, 0.5), eps=1e-300, vector_moment="full")
+    opt_full.step()
+    torch.testing.assert_close(full, -torch.ones(4, dtype=torch.float64))  # Adam: g / |g|
 
 
 def test_reconstruction_matches_formula():
