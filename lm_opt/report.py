@@ -9,6 +9,12 @@ point of each line a star, diverged points an x at the top of the axes.
 
 Stability (after the study's Fig. 1): the range of the swept value whose final loss lies
 within `margin` nats of the line's best, and its width in decades.
+
+Every figure carries its baseline and its noise. The baseline is the unigram cross-entropy of
+the runs' validation set (lm_opt.baseline), drawn as a horizontal line. The noise comes from
+the seed repeats of each line's best point (`seeds` in the spec): their mean, standard
+deviation and range, drawn as error bars; a difference between two optimizers counts as shown
+only where their seed ranges do not overlap.
 """
 
 import argparse
@@ -20,6 +26,9 @@ from typing import Any
 
 from lm_opt.sweep_plan import format_value, short_name
 
+BASELINE = "baseline.json"
+REFERENCE = "adamw"
+"""The optimizer every other is compared with, where the sweep has it."""
 FIELDS = ("final_val_loss", "best_val_loss", "status", "steps", "max_steps", "tokens", "wall_time_s", "error")
 
 
@@ -43,8 +52,10 @@ def read_point(run_dir: Path) -> dict | None:
         return None
     launched = (run_dir / "config.yaml").is_file() or (run_dir / "fit.log").is_file()
     status = summary.get("status") or ("incomplete" if launched else "not run")
-    row = {"point": point["name"], "optimizer": point["optimizer"], "values": point["values"],
-           "shared": point.get("shared", []), "sweep": point.get("sweep", run_dir.parent.name)}
+    values = dict(point["values"])
+    row = {"point": point["name"], "optimizer": point["optimizer"], "seed": values.pop("seed", None),
+           "values": values, "shared": point.get("shared", []), "sweep": point.get("sweep", run_dir.parent.name),
+           "run_dir": run_dir}
     row.update({k: summary.get(k) for k in FIELDS}, status=status)
     return row
 
@@ -67,7 +78,7 @@ def load_rows(sweep_dir: Path) -> list[dict]:
 
     def order(row: dict) -> tuple:
         x = row["values"].get(x_axis(row))
-        return (*series_key(row), (0, x, "") if numeric(x) else (1, 0, str(x)))
+        return (*series_key(row), (0, x, "") if numeric(x) else (1, 0, str(x)), row["seed"] or 0)
 
     return sorted(rows, key=order)
 
@@ -97,6 +108,7 @@ def numeric(value: Any) -> bool:
 def stability(rows: list[dict], margin: float) -> list[dict]:
     """Per line: the best point and the range of the swept value within `margin` of its final loss."""
     out = []
+    rows = [r for r in rows if r["seed"] is None]  # the grid; seed repeats measure noise
     for key in dict.fromkeys(series_key(r) for r in rows):
         line = [r for r in rows if series_key(r) == key]
         x = x_axis(line[0])
@@ -114,6 +126,63 @@ def stability(rows: list[dict], margin: float) -> list[dict]:
     return out
 
 
+def seed_noise(rows: list[dict]) -> dict[tuple, dict]:
+    """(optimizer, condition, x) -> n, mean, std, min, max of the final loss over its seeds,
+    where a point ran with more than one seed (every seed must have finished)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((*series_key(r), format_value(r["values"].get(x_axis(r)))), []).append(r)
+    out = {}
+    for key, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        losses = [r["final_val_loss"] for r in runs if r["status"] == "finished" and r["final_val_loss"] is not None]
+        if len(losses) < len(runs):
+            out[key] = {"n": len(runs), "finished": len(losses)}
+            continue
+        mean = sum(losses) / len(losses)
+        std = math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1))
+        out[key] = {"n": len(losses), "finished": len(losses), "mean": mean, "std": std,
+                    "min": min(losses), "max": max(losses), "x": runs[0]["values"].get(x_axis(runs[0]))}
+    return out
+
+
+def findings(stable: list[dict], noise: dict[tuple, dict]) -> list[dict]:
+    """Per line, its best point's seed statistics and the difference from the reference optimizer's
+    line under the same condition; `beyond_noise` where the two seed ranges do not overlap."""
+    best = {}
+    for s in stable:
+        stats = noise.get((s["optimizer"], s["condition"], format_value(s.get("best_x"))))
+        if stats and "mean" in stats:
+            best[(s["optimizer"], s["condition"])] = {**s, **stats}
+    out = []
+    for (optimizer, condition), entry in best.items():
+        ref = best.get((REFERENCE, condition))
+        if ref is not None and optimizer != REFERENCE:
+            entry["delta"] = entry["mean"] - ref["mean"]
+            entry["beyond_noise"] = entry["min"] > ref["max"] or entry["max"] < ref["min"]
+        out.append(entry)
+    return sorted(out, key=lambda e: (e["condition"], e["mean"]))
+
+
+def baseline(sweep_dir: Path, rows: list[dict]) -> dict | None:
+    """The unigram baseline of the runs' data (cached in baseline.json); None without a run config."""
+    cached = sweep_dir / BASELINE
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    import yaml
+
+    configs = [r["run_dir"] / "config.yaml" for r in rows if (r["run_dir"] / "config.yaml").is_file()]
+    if not configs:
+        return None
+    from lm_opt.baseline import data_baseline
+
+    data = yaml.safe_load(configs[0].read_text())["data"]
+    result = {**data_baseline(data), "data": data}
+    cached.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def number(value: Any, digits: int = 4) -> str:
     if value is None:
         return ""
@@ -124,24 +193,47 @@ def write_csv(rows: list[dict], path: Path) -> None:
     axes = axes_of(rows)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["point", "optimizer", *axes, *FIELDS])
+        writer.writerow(["point", "optimizer", *axes, "seed", *FIELDS])
         for r in rows:
             values = [json.dumps(v) if isinstance(v, dict) else v for v in (r["values"].get(a, "") for a in axes)]
-            writer.writerow([r["point"], r["optimizer"], *values, *(r.get(k) for k in FIELDS)])
+            seed = "" if r["seed"] is None else r["seed"]
+            writer.writerow([r["point"], r["optimizer"], *values, seed, *(r.get(k) for k in FIELDS)])
 
 
-def markdown(rows: list[dict], stable: list[dict], plots: list[Path], margin: float) -> str:
+def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict | None, plots: list[Path],
+             margin: float) -> str:
     axes = axes_of(rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     best = {(s["optimizer"], s["condition"]): s.get("best_point") for s in stable}
     lines = [f"# Sweep {rows[0]['sweep']}", "",
-             f"{len(rows)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
-             "", "| point | optimizer | " + " | ".join(axes) + " | final val loss | best val loss | status | steps "
-             "| tokens | wall time (s) |", "|" + " --- |" * (len(axes) + 8)]
+             f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), ""]
+    unigram = base and base["unigram_val_loss"]
+    if base:
+        lines += [f"Baseline: the unigram cross-entropy of the validation set is **{unigram:.4f}** nats (token "
+                  f"frequencies of the {base['train_tokens']:,} training tokens, add-{base['smoothing']} smoothing, "
+                  f"on the {base['val_targets']:,} validation targets); `vs unigram` is each loss minus it.", ""]
+    if found:
+        lines += ["## Best point per optimizer, over seeds", "",
+                  f"Mean, standard deviation and range of the final val loss over the seeds of each line's best "
+                  f"point. A difference from {REFERENCE} counts as shown only where the two seed ranges do not "
+                  "overlap.", "",
+                  "| optimizer | condition | best value | seeds | mean | std | range | vs unigram | "
+                  f"vs {REFERENCE} | beyond seed noise |", "|" + " --- |" * 10]
+        for f in found:
+            delta = "" if "delta" not in f else f"{f['delta']:+.4f}"
+            beyond = "" if "delta" not in f else ("yes" if f["beyond_noise"] else "no")
+            lines.append(f"| {f['optimizer']} | {f['condition']} | {show(f['best_x'])} | {f['n']} | {f['mean']:.4f} "
+                         f"| {f['std']:.4f} | {f['min']:.4f} .. {f['max']:.4f} "
+                         f"| {'' if not base else format(f['mean'] - unigram, '+.4f')} | {delta} | {beyond} |")
+        lines.append("")
+    lines += ["## Every run", "", "| point | optimizer | " + " | ".join(axes) + " | seed | final val loss | vs unigram "
+              "| best val loss | status | steps | tokens | wall time (s) |", "|" + " --- |" * (len(axes) + 10)]
     for r in rows:
         mark = "**" if best.get(series_key(r)) == r["point"] else ""
+        vs = "" if not base or r["final_val_loss"] is None else f"{r['final_val_loss'] - unigram:+.4f}"
         cells = [r["point"], r["optimizer"], *(show(r["values"][a]) if a in r["values"] else "" for a in axes),
-                 f"{mark}{number(r['final_val_loss'])}{mark}", number(r["best_val_loss"]), r["status"],
+                 "" if r["seed"] is None else str(r["seed"]),
+                 f"{mark}{number(r['final_val_loss'])}{mark}", vs, number(r["best_val_loss"]), r["status"],
                  f"{number(r['steps'])}/{number(r['max_steps'])}", number(r["tokens"]), number(r["wall_time_s"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"## Stability: swept values within {margin} nats of each line's best final val loss", "",
@@ -162,8 +254,10 @@ def markdown(rows: list[dict], stable: list[dict], plots: list[Path], margin: fl
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], axis: str, path: Path) -> bool:
-    """Final val loss against `axis` (log scale over more than a decade); False if nothing to draw."""
+def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | None = None,
+         unigram: float | None = None) -> bool:
+    """Final val loss against `axis` (log scale over more than a decade), with the seed range as
+    error bars and the unigram baseline as a line; False if nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +265,7 @@ def plot(rows: list[dict], axis: str, path: Path) -> bool:
     from matplotlib.transforms import blended_transform_factory
 
     rows = [r for r in rows if x_axis(r) == axis and numeric(r["values"].get(axis))
-            and r["status"] in ("finished", "diverged")]
+            and r["status"] in ("finished", "diverged") and r["seed"] is None]
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -190,14 +284,19 @@ def plot(rows: list[dict], axis: str, path: Path) -> bool:
         if ok:
             best = min(ok, key=lambda r: r["final_val_loss"])
             ax.plot(best["values"][axis], best["final_val_loss"], "*", color=color, ms=15, mec="black", zorder=3)
+        for stats in (v for k, v in (noise or {}).items() if k[:2] == (optimizer, condition) and "mean" in v):
+            ax.errorbar(stats["x"], stats["mean"], yerr=[[stats["mean"] - stats["min"]], [stats["max"] - stats["mean"]]],
+                        color=color, capsize=5, elinewidth=2, zorder=4)
         ax.plot(diverged, [0.97] * len(diverged), "x", color=color, ms=9, mew=2, transform=top, clip_on=False)
+    if unigram is not None:
+        ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
     low, high = ax.get_ylim()
     ax.set_ylim(low, high + 0.08 * (high - low))  # room for the diverged marks
     xs = [r["values"][axis] for r in rows]
     if min(xs) > 0 and max(xs) >= 10 * min(xs):
         ax.set_xscale("log")
     ax.set(xlabel=axis, ylabel="final validation loss",
-           title=f"{rows[0]['sweep']}: star = best per line, x at top = diverged")
+           title=f"{rows[0]['sweep']}: star = best per line, bars = seed range, x at top = diverged")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -214,13 +313,15 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05) -> Path:
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no point folders (point.json or summary.json)")
     write_csv(rows, sweep_dir / "results.csv")
+    base, noise = baseline(sweep_dir, rows), seed_noise(rows)
     plots = []
     for axis in dict.fromkeys(x_axis(r) for r in rows if x_axis(r)):
         path = sweep_dir / f"plot_{format_value(axis)}.png"
-        if plot(rows, axis, path):
+        if plot(rows, axis, path, noise, base and base["unigram_val_loss"]):
             plots.append(path)
     stable = stability(rows, margin)
-    (sweep_dir / "results.md").write_text(markdown(rows, stable, plots, margin))
+    found = findings(stable, noise)
+    (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin))
     print(f"report: {sweep_dir / 'results.md'}, results.csv, " + ", ".join(p.name for p in plots))
     return sweep_dir / "results.md"
 

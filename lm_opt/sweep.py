@@ -5,7 +5,9 @@ fit` run in its own folder `out_dir/<point name>`, which holds the point's optim
 copy of the optimizer's with the swept values), `command.sh` (run it to run, rerun or resume
 the point alone; local runs and Slurm tasks both run exactly it) and `point.json` (the swept
 values, for `report`). Every point's config is parsed before anything launches. A rerun skips
-finished and diverged points and resumes the others.
+finished and diverged points and resumes the others. Once a line's grid is done (an optimizer,
+at one value of the shared grid), its best point runs again with each of the spec's `seeds`,
+so that every comparison can be read against seed noise.
 """
 
 import argparse
@@ -20,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from lm_opt.report import write_report
-from lm_opt.sweep_plan import OPTIMIZER_YAML, Point, SpecError, load_spec, plan, validate
+from lm_opt.sweep_plan import OPTIMIZER_YAML, Point, SpecError, line_of, load_spec, plan, validate, with_seed
 
 DONE = ("finished", "diverged")
 """Run statuses that are a result; a rerun leaves such a point alone."""
@@ -191,6 +193,40 @@ def execute(points: list[Point], jobs: int) -> dict[str, str | None]:
     return results
 
 
+def best_of(points: list[Point]) -> Point | None:
+    """The finished point with the lowest final val loss; None until every point is done."""
+    summaries = [read_summary(p.run_dir) for p in points]
+    if any(s.get("status") not in DONE for s in summaries):
+        return None
+    finished = [(s["final_val_loss"], p) for s, p in zip(summaries, points)
+                if s["status"] == "finished" and s.get("final_val_loss") is not None]
+    return min(finished, key=lambda pair: pair[0])[1] if finished else None
+
+
+def seed_points(points: list[Point], seeds: list[int]) -> list[Point]:
+    """Each line's best point with every extra seed, for the lines whose grid is done."""
+    lines: dict[tuple, list[Point]] = {}
+    for p in points:
+        lines.setdefault(line_of(p), []).append(p)
+    best = [b for b in map(best_of, lines.values()) if b is not None]
+    repeats = [with_seed(b, seed) for b in best for seed in seeds]
+    for point in repeats:
+        validate(point)
+    return repeats
+
+
+def prepare(points: list[Point], spec: dict) -> list[Point]:
+    """Write the (validated) points' folders; returns those still to run."""
+    states = {p.name: point_state(p.run_dir) for p in points}
+    for point in points:  # a done point keeps the record of what it ran
+        if states[point.name] != "done" or not (point.run_dir / "command.sh").is_file():
+            write_point(point, spec["name"])
+        elif recorded_command(point.run_dir) != command_of(point):
+            print(f"warning: {point.name} is done but ran another command (see its command.sh); "
+                  f"delete {point.run_dir} to rerun it with this spec")
+    return [p for p in points if states[p.name] != "done"]
+
+
 def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool = False) -> dict[str, str | None]:
     """Plan, validate, then run (or write the Slurm script for) a sweep; returns point -> problem or None."""
     if jobs < 1:
@@ -200,25 +236,30 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
     print(f"sweep {spec['name']}: {len(points)} points in {spec['out_dir']}; checking every point's config", flush=True)
     for point in points:
         validate(point)
-    states = {p.name: point_state(p.run_dir) for p in points}
     if dry_run:
         for p in points:
-            print(f"{states[p.name]:>6}  {p.name}\n        python -m lm_opt {shlex.join(p.fit_args())}")
+            print(f"{point_state(p.run_dir):>6}  {p.name}\n        python -m lm_opt {shlex.join(p.fit_args())}")
+        if spec["seeds"]:
+            print(f"then each line's best point with seeds {spec['seeds']}, once its grid is done")
         return {}
     spec["out_dir"].mkdir(parents=True, exist_ok=True)
     (spec["out_dir"] / "sweep.yaml").write_text(Path(spec_path).read_text())
-    for point in points:  # a done point keeps the record of what it ran
-        if states[point.name] != "done" or not (point.run_dir / "command.sh").is_file():
-            write_point(point, spec["name"])
-        elif recorded_command(point.run_dir) != command_of(point):
-            print(f"warning: {point.name} is done but ran another command (see its command.sh); "
-                  f"delete {point.run_dir} to rerun it with this spec")
+    todo = prepare(points, spec)
     if slurm:
-        print(f"wrote {write_slurm(points, spec)} ({len(points)} tasks); submit it with sbatch")
+        seeds = seed_points(points, spec["seeds"])
+        prepare(seeds, spec)
+        print(f"wrote {write_slurm(points + seeds, spec)} ({len(points + seeds)} tasks); submit it with sbatch"
+              + (f"; {len(seeds)} of them are seed repeats, the others come once the grid is done"
+                 if spec["seeds"] else ""))
         return {}
-    todo = [p for p in points if states[p.name] != "done"]
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
     results = execute(todo, jobs) if todo else {}
+    if spec["seeds"]:
+        seeds = seed_points(points, spec["seeds"])
+        todo = prepare(seeds, spec)
+        print(f"seeds {spec['seeds']} at each line's best point: {len(seeds) - len(todo)} runs already done, "
+              f"{len(todo)} to run", flush=True)
+        results.update(execute(todo, jobs) if todo else {})
     for name, problem in results.items():
         if problem:
             print(f"CRASHED {name}: {problem}; log: {spec['out_dir'] / name / 'fit.log'}; rerun the sweep to retry")

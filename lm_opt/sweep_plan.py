@@ -1,7 +1,8 @@
 """A sweep spec read, checked and expanded into its points, before anything runs.
 
 A spec (YAML) names `base` configs, `optimizers` (label -> optimizer YAML and its own grid),
-a shared `grid` crossed with every optimizer's grid, and `overrides`. Each point gets a copy
+a shared `grid` crossed with every optimizer's grid, `seeds` to repeat each line's best point
+with once its grid is done, and `overrides`. Each point gets a copy
 of its optimizer's YAML with the swept values set in it, and the remaining keys as `--key
 value` arguments; `validate` parses a point's whole `fit` command before launch, so that a
 bad key or value fails naming its point rather than hours into the sweep.
@@ -116,6 +117,10 @@ def load_spec(path: str | Path) -> dict:
     spec["base"] = [_existing_file(b, f"base[{i}]") for i, b in enumerate(base)]
     spec["out_dir"] = Path(spec.get("out_dir") or Path("logs") / "sweeps" / name)
     spec["grid"] = _check_grid(spec.get("grid") or {}, "grid")
+    seeds = spec.get("seeds") or []
+    if not isinstance(seeds, list) or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
+        raise SpecError(f"seeds: needs a list of distinct integers (extra seeds at each best point), got {seeds!r}")
+    spec["seeds"] = seeds
     spec["overrides"] = _mapping(spec.get("overrides") or {}, "overrides")
     optimizers = _mapping(spec.get("optimizers"), "optimizers")
     if not optimizers:
@@ -254,6 +259,18 @@ def plan(spec: dict) -> list[Point]:
                             f"{p.name!r}; use values that differ in 3 significant digits")
         seen[p.name] = p
     return points
+
+
+def with_seed(point: Point, seed: int) -> Point:
+    """The same run as `point` with another `seed_everything`, in its own folder."""
+    name = f"{point.name}_seed{seed}"
+    return Point(name, point.optimizer, {**point.values, "seed": seed}, point.shared, point.run_dir.parent / name,
+                 point.optimizer_yaml, point.base, [*point.overrides, "--seed_everything", str(seed)])
+
+
+def line_of(point: Point) -> tuple:
+    """The optimizer and shared-grid values: the points among which one is best."""
+    return point.optimizer, tuple(format_value(point.values[k]) for k in point.shared)
 
 
 def split_settings(name: str, label: str, settings: dict, source: dict, config: str) -> tuple[dict, list[str]]:

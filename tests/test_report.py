@@ -100,3 +100,29 @@ def test_an_empty_folder_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "no point folders" in capsys.readouterr().err
+
+
+def test_seed_repeats_give_the_noise_a_difference_must_exceed(tmp_path):
+    """A difference from AdamW counts only where the seed ranges of the two best points do not overlap."""
+    runs = {"adamw": (1e-3, [4.00, 4.02, 3.99], 4.3), "signum": (1e-4, [4.20, 4.25, 4.22], 4.5),
+            "lion": (1e-4, [4.01, 4.00, 3.98], 4.4)}
+    for optimizer, (lr, seeds, other) in runs.items():
+        point(tmp_path, f"{optimizer}_best", optimizer, {"lr": lr}, "finished", seeds[0])
+        point(tmp_path, f"{optimizer}_other", optimizer, {"lr": lr * 10}, "finished", other)
+        for seed, loss in enumerate(seeds[1:], 1):
+            point(tmp_path, f"{optimizer}_best_seed{seed}", optimizer, {"lr": lr, "seed": seed}, "finished", loss)
+    (tmp_path / "baseline.json").write_text(json.dumps(
+        {"unigram_val_loss": 5.0, "train_tokens": 100, "val_targets": 10, "smoothing": 0.5}))
+    main([str(tmp_path)])
+    md = (tmp_path / "results.md").read_text()
+    section = md.split("## Best point per optimizer")[1].split("## Every run")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    assert rows["signum"].endswith("| +0.2200 | yes |")
+    assert rows["lion"].endswith("| -0.0067 | no |")
+    assert "| 3 | 4.0033 | 0.0153 | 3.9900 .. 4.0200 | -0.9967 |" in rows["adamw"]
+    assert "unigram cross-entropy of the validation set is **5.0000**" in md
+    # the stability and best point come from the grid, not from the seed repeats
+    assert {s["optimizer"]: s["points"] for s in stability(load_rows(tmp_path), 0.05)} == {
+        "adamw": 2, "lion": 2, "signum": 2}
+    csv_rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert sorted(r["seed"] for r in csv_rows if r["optimizer"] == "adamw") == ["", "", "1", "2"]

@@ -87,14 +87,43 @@ def test_shipped_sweeps_parse(spec):
         sweep_plan.validate(next(p for p in points if p.optimizer == label))
 
 
-def test_the_readme_sweep_results_are_those_of_the_shipped_spec():
-    """`logs/sweeps/tiny_cpu/results.csv` (the README's figure and table) has one finished or
-    diverged row per point of `configs/sweeps/tiny_cpu.yaml`: a grid edited without rerunning
-    the sweep fails here."""
-    points = sweep_plan.plan(sweep_plan.load_spec(Path("configs/sweeps/tiny_cpu.yaml")))
-    rows = list(csv.DictReader(open("logs/sweeps/tiny_cpu/results.csv")))
-    assert sorted(r["point"] for r in rows) == sorted(p.name for p in points)
+def test_the_readme_study_results_are_those_of_the_shipped_spec():
+    """`logs/sweeps/cpu_study/results.csv` (the README's figure and table) has one finished or
+    diverged row per grid point of `configs/sweeps/cpu_study.yaml` and every seed repeat at each
+    optimizer's best point: a grid edited without rerunning the sweep fails here."""
+    spec = sweep_plan.load_spec(Path("configs/sweeps/cpu_study.yaml"))
+    rows = list(csv.DictReader(open("logs/sweeps/cpu_study/results.csv")))
+    grid = {p.name for p in sweep_plan.plan(spec)}
+    assert grid <= {r["point"] for r in rows}
     assert {r["status"] for r in rows} <= {"finished", "diverged"}
+    for optimizer in spec["optimizers"]:
+        line = [r for r in rows if r["optimizer"] == optimizer and r["point"] in grid and r["status"] == "finished"]
+        best = min(line, key=lambda r: float(r["final_val_loss"]))["point"]
+        repeats = {r["point"] for r in rows if r["point"].startswith(best + "_seed")}
+        assert repeats == {f"{best}_seed{s}" for s in spec["seeds"]}, optimizer
+
+
+def test_each_lines_best_point_runs_again_with_every_seed(tmp_path, monkeypatch):
+    launched = []
+    losses = {"adamw_lr1.00e-03": 5.0, "adamw_lr0.01": 4.0, "signum_lr1.00e-04": 4.5, "signum_lr1.00e-03": 4.6}
+
+    def fake_launch(point, slot, env):
+        launched.append(point.name)
+        summary = {"status": "finished", "final_val_loss": losses.get(point.name, 6.0)}
+        (point.run_dir / "summary.json").write_text(json.dumps(summary))
+        return subprocess.Popen(["true"])
+
+    monkeypatch.setattr(sweep, "launch", fake_launch)
+    spec = write_spec(tmp_path, seeds=[1, 2])
+    sweep.main([str(spec)])
+    assert launched[4:] == ["adamw_lr0.01_seed1", "adamw_lr0.01_seed2",
+                            "signum_lr1.00e-04_seed1", "signum_lr1.00e-04_seed2"]
+    seeded = tmp_path / "out" / "adamw_lr0.01_seed2"
+    assert "--seed_everything 2" in (seeded / "command.sh").read_text()
+    assert json.loads((seeded / "point.json").read_text())["values"] == {"lr": 0.01, "seed": 2}
+    launched.clear()
+    sweep.main([str(spec)])
+    assert launched == []
 
 
 @pytest.mark.parametrize("change,message", [
@@ -109,6 +138,7 @@ def test_the_readme_sweep_results_are_those_of_the_shipped_spec():
     ({"grid": {"optimizer.init_args.betas.2": [0.5]}}, "index 2 is out of range"),
     ({"optimizers": {"adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [-1.0]}}}},
      "point adamw_lr--1: its optimizer cannot be built"),
+    ({"seeds": [1, 1]}, "seeds: needs a list of distinct integers"),
 ])
 def test_spec_errors_are_reported_before_anything_runs(tmp_path, capsys, no_launch, change, message):
     with pytest.raises(SystemExit) as exit_:
