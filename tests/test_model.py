@@ -38,7 +38,7 @@ def test_qk_norm_adds_exactly_the_query_and_key_layernorms():
     extra = set(with_qk) - set(without)
     n_layer = PRESETS["tiny"].n_layer
     assert set(without) <= set(with_qk)
-    assert extra == {f"blocks.{i}.attn.{n}_norm.{w}" for i in range(n_layer) for n in "qk" for w in ("weight", "bias")}
+    assert extra == {f"blocks.{i}.attn.{n}_norm.weight" for i in range(n_layer) for n in "qk"}
 
 
 def test_every_parameter_has_exactly_one_role():
@@ -49,16 +49,54 @@ def test_every_parameter_has_exactly_one_role():
     assert roles["lm_head.weight"] == "last_layer"
     assert roles["wte.weight"] == "embedding"
     assert roles["blocks.0.attn.qkv.weight"] == "matrix"
-    assert roles["blocks.0.attn.q_norm.bias"] == "norm"
+    assert roles["blocks.0.attn.q_norm.weight"] == "norm"
 
 
-def test_linear_layers_have_no_bias_and_layernorms_have_gain_and_bias():
-    model = tiny()
+@pytest.mark.parametrize("norm_bias", [False, True])
+def test_linear_layers_have_no_bias_and_layernorms_a_gain_and_a_bias_only_if_asked(norm_bias):
+    """The study's LayerNorms (block, QK and final) have a gain and no bias (`bias_for_layer_norm: false`)."""
+    model = tiny(norm_bias=norm_bias)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 4 * model.config.n_layer + 1
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             assert module.bias is None
-        if isinstance(module, torch.nn.LayerNorm):
-            assert module.weight is not None and module.bias is not None
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert (norm.bias is not None) == norm_bias
+
+
+# std of a normal truncated at +-3 sigma, in units of sigma
+TRUNCATED_STD = math.sqrt(1 - 6 * math.exp(-4.5) / math.sqrt(2 * math.pi) / math.erf(3 / math.sqrt(2)))
+
+
+def test_mitchell_init_of_the_150m_preset_has_the_studys_std_per_tensor():
+    """OLMo's `mitchell`: sigma = 1/sqrt(fan_in), cut at 3 sigma; block l's attention and MLP out-projections
+    further divided by sqrt(2 (l + 1)). For d = 1024: 1/32 for the embedding, QKV, MLP in and the output
+    layer (a smaller vocabulary keeps the test light; it does not change any sigma)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("150m", vocab_size=2048))
+    expected = {"wte.weight": 1 / 32, "lm_head.weight": 1 / 32}
+    for layer in range(12):
+        depth = math.sqrt(2 * (layer + 1))
+        expected |= {f"blocks.{layer}.attn.qkv.weight": 1 / 32, f"blocks.{layer}.mlp.fc.weight": 1 / 32,
+                     f"blocks.{layer}.attn.proj.weight": 1 / 32 / depth,
+                     f"blocks.{layer}.mlp.proj.weight": 1 / 64 / depth}
+    matrices = {name: p for name, p in model.named_parameters() if p.dim() == 2}
+    assert set(matrices) == set(expected)
+    for name, weight in matrices.items():
+        sigma = expected[name]
+        assert weight.abs().max() <= 3 * sigma * (1 + 1e-6), name
+        assert weight.std().item() == pytest.approx(TRUNCATED_STD * sigma, rel=0.01), name
+        assert weight.mean().abs().item() < 0.01 * sigma, name
+
+
+def test_normal_init_is_gpt2s():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_name("cpu", init="normal", init_std=0.02))
+    assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.01)
+    assert model.blocks[3].mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.01)
+    assert model.wte.weight.abs().max() > 3 * 0.02  # not truncated
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_128():
@@ -80,6 +118,8 @@ def test_bad_model_config_names_the_key():
         ModelConfig.from_name("tiny", n_layers=3)
     with pytest.raises(ValueError, match="n_head"):
         ModelConfig.from_name("tiny", n_head=5)
+    with pytest.raises(ValueError, match="model.init must be 'mitchell' or 'normal', got 'xavier'"):
+        ModelConfig.from_name("tiny", init="xavier")
 
 
 def test_sequence_longer_than_context_is_rejected():

@@ -7,21 +7,32 @@ from pathlib import Path
 
 import pytest
 
-from lm_opt.corpus import build_corpus, iter_texts
-from lm_opt.tokenizer import SPIECE, load_tokenizer, train_t5_like_tokenizer
+from lm_opt.corpus import build_corpus, default_cache_dir, iter_texts
+from lm_opt.tokenizer import (SPIECE, SPIECE_SHA256, load_tokenizer, train_t5_like_tokenizer,
+                              vocabulary_sha256)
 
 SENTENCE = "The optimizer keeps a running average of the gradients for each parameter."
 
 
 @pytest.fixture(scope="module")
 def corpus_files(tmp_path_factory) -> dict[str, list[str]]:
-    return build_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=1_000_000, n_train_shards=2)
+    return build_corpus(tmp_path_factory.mktemp("corpus"), n_train_shards=2)
 
 
 @pytest.fixture(scope="module")
 def small_dir(corpus_files, tmp_path_factory) -> Path:
     return train_t5_like_tokenizer(iter_texts(corpus_files["train"]),
-                                   tmp_path_factory.mktemp("tok") / "small", vocab_size=2000)
+                                   tmp_path_factory.mktemp("tok") / "small", vocab_size=2000, sample_bytes=2_000_000)
+
+
+def test_every_machine_trains_the_pinned_8000_piece_tokenizer(caplog):
+    """The CPU study's tokenizer, from the pinned corpus (in this machine's cache, trained if absent)."""
+    with caplog.at_level(logging.INFO, logger="lm_opt"):
+        tokenizer = load_tokenizer("embedded", pieces=8000)
+    assert "8100 tokens, eos id 1" in caplog.text
+    assert_t5_layout(tokenizer, 8000)
+    out_dir = default_cache_dir() / "tokenizer-8000"
+    assert vocabulary_sha256(out_dir / SPIECE) == SPIECE_SHA256[8000]
 
 
 def assert_t5_layout(tokenizer, vocab_size: int) -> None:
@@ -91,7 +102,7 @@ def test_offline_hub_id_raises_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_tokenizer_has_t5_layout_at_full_size(tmp_path, caplog):
-    files = build_corpus(tmp_path / "corpus", max_bytes=12_000_000)
+    files = build_corpus(tmp_path / "corpus")
     with caplog.at_level(logging.INFO, logger="lm_opt"):
         tokenizer = load_tokenizer("embedded", corpus_files=files["train"], cache_dir=tmp_path)
     assert "32100 tokens, eos id 1" in caplog.text
@@ -99,6 +110,6 @@ def test_embedded_tokenizer_has_t5_layout_at_full_size(tmp_path, caplog):
     assert_t5_layout(tokenizer, 32000)
     ids = tokenizer(SENTENCE, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == SENTENCE
-    assert (tmp_path / "tokenizer" / SPIECE).is_file()
+    assert (tmp_path / "tokenizer-32000" / SPIECE).is_file()
     text = "Returns {'loss': x!} and [a, b] for f(x) = 2 * x ** 2 - 1; see `step()` <note> @ 100%."
     assert tokenizer.unk_token_id not in tokenizer(text, add_special_tokens=False)["input_ids"]
