@@ -15,7 +15,7 @@ QUICKSTART = "configs/quickstart.yaml"
 def tiny_args(log_dir: Path, name: str = "run", steps: int = 4, *extra: str, config: str = QUICKSTART) -> list[str]:
     """`fit` arguments for a run of a few steps that takes seconds on a CPU."""
     return [
-        "fit", "--config", config,
+        "fit", "--config", config, "--model.preset", "tiny",
         "--data.seq_len", "32", "--data.batch_size", "4", "--data.val_sequences", "8", "--data.num_workers", "0",
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
         "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",

@@ -39,3 +39,22 @@ def test_logged_quantiles_equal_a_direct_computation_from_state(tmp_path, optimi
 def test_quantiles_are_nearest_rank():
     x = torch.arange(101.0).flip(0)
     assert quantiles(x).tolist() == [0, 5, 25, 50, 75, 95, 100]
+
+
+def test_fires_once_per_optimizer_step_under_accumulation_with_histograms_counting_every_entry(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(*tiny_args(tmp_path, "accumulate", 3, "--trainer.accumulate_grad_batches", "2",
+                   "--trainer.val_check_interval", "6", "--eff_lr.every_n_steps", "1"))
+    (events,) = (tmp_path / "accumulate").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    name = "blocks.0.mlp.fc.weight"
+    assert [e.step for e in acc.Scalars(f"eff_lr/{name}/q50")] == [0, 1, 2]
+    checkpoint = torch.load(tmp_path / "accumulate" / "checkpoints" / "last.ckpt", weights_only=False)
+    numel = checkpoint["state_dict"][f"model.{name}"].numel()
+    histograms = acc.Histograms(f"eff_lr/{name}")
+    assert [h.step for h in histograms] == [0, 1, 2]
+    last = histograms[-1].histogram_value
+    assert last.num == numel and sum(last.bucket) == numel
+    assert last.min == pytest.approx(scalars(tmp_path / "accumulate", f"eff_lr/{name}/q0")[2], rel=1e-6)
