@@ -1,19 +1,30 @@
 """`python -m lm_opt`: the Lightning CLI over LMModule and C4DataModule."""
 
+import json
 import logging
+import os
+import sys
+import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from lm_opt.callbacks.divergence import Diverged, DivergenceStop
 from lm_opt.callbacks.effective_lr import EffectiveLRQuantiles
+from lm_opt.callbacks.final_validation import FinalValidation
 from lm_opt.callbacks.optimizer import OptimizerCallback
-from lm_opt.callbacks.run_record import RunRecord
+from lm_opt.callbacks.model_summary import ParameterSummary
+from lm_opt.callbacks.progress_bar import StepProgressBar
+from lm_opt.callbacks.run_record import SUMMARY_FILE, RunRecord
 from lm_opt.callbacks.throughput import TokenThroughput
 from lm_opt.data import C4DataModule
+from lm_opt.errors import DEBUG_ENV, UserError, debug_mode, invalid_yaml
 from lm_opt.module import LMModule
 from lm_opt.schedule import resolve_max_steps
 
@@ -26,14 +37,14 @@ def check_checkpoint(path: Path, hparams: dict) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
-        raise ValueError(f"ckpt_path={str(path)!r} is not a readable Lightning checkpoint: {err}") from err
+        raise UserError(f"ckpt_path={str(path)!r} is not a readable Lightning checkpoint: {err}") from err
     saved = checkpoint.get("hyper_parameters")
     if saved is None or "state_dict" not in checkpoint:
-        raise ValueError(f"ckpt_path={str(path)!r} is not an lm_opt checkpoint (no state_dict/hyper_parameters)")
+        raise UserError(f"ckpt_path={str(path)!r} is not an lm_opt checkpoint (no state_dict/hyper_parameters)")
     differ = [f"model.{k}: checkpoint {saved.get(k)!r}, this run {hparams[k]!r}"
               for k in ARCHITECTURE_KEYS if saved.get(k) != hparams[k]]
     if differ:
-        raise ValueError(f"ckpt_path={str(path)!r} does not match this model: " + "; ".join(differ))
+        raise UserError(f"ckpt_path={str(path)!r} does not match this model: " + "; ".join(differ))
 
 
 TRAINER_DEFAULTS = {
@@ -49,8 +60,73 @@ TRAINER_DEFAULTS = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "logs", "name": "default", "version": ""},
     },
-    "callbacks": [LearningRateMonitor(logging_interval="step"), TokenThroughput()],
+    "callbacks": [LearningRateMonitor(logging_interval="step"), TokenThroughput(), FinalValidation()],
 }
+
+
+def check_yaml_files(args: list[str]) -> None:
+    """Fail naming the file, line and column of a `--config` that is not valid YAML (jsonargparse
+    parses the file's text and names only `<unicode string>`)."""
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    paths += [b for a, b in zip(args, args[1:]) if a in ("--config", "-c")]
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue  # jsonargparse names a missing file itself
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"--config {invalid_yaml(path, err)}") from err
+
+
+def trained(events: Path) -> bool:
+    """Whether a TensorBoard event file records a training step. Lightning creates the file before
+    setup, so a run that failed there (a wrong data path, say) leaves one that records nothing."""
+    return any(v.tag.startswith("train/") for event in EventFileLoader(str(events)).Load()
+               for v in event.summary.value)
+
+
+def existing_run(log_dir: Path) -> list[str]:
+    """What in `log_dir` shows that a run trained there: checkpoints, event files with training
+    steps, a summary with steps."""
+    found = sorted((log_dir / "checkpoints").glob("*.ckpt")) + [
+        p for p in sorted(log_dir.glob("events.out.tfevents.*")) if trained(p)]
+    summary = log_dir / SUMMARY_FILE
+    try:
+        if json.loads(summary.read_text()).get("steps"):
+            found.append(summary)
+    except (OSError, ValueError):
+        pass
+    return [str(p.relative_to(log_dir)) for p in found]
+
+
+def check_fresh_run(log_dir: Path, ckpt_path: str | None) -> None:
+    """Refuse a `fit` that would write into another run's folder: its events would mix with that
+    run's and its record and checkpoints would be overwritten. Resuming the folder's own run is fine."""
+    found = existing_run(log_dir)
+    if not found or (ckpt_path and log_dir.resolve() in Path(ckpt_path).resolve().parents):
+        return
+    if ckpt_path == "last":
+        if not (log_dir / "checkpoints" / "last.ckpt").is_file():
+            raise UserError(f"ckpt_path=last: {log_dir} holds a run but no checkpoints/last.ckpt to resume "
+                            "from; start another with --trainer.logger.init_args.name NAME (or .version)")
+        return
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    raise UserError(f"{log_dir} already holds a run ({shown}); resume it with --ckpt_path last, or start another "
+                    "with --trainer.logger.init_args.name NAME (or .version)")
+
+
+class LMOptParser(LightningArgumentParser):
+    """Ends a parse error as its `error:` line alone: the usage of every option above it buries it."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if debug_mode() or not self.exit_on_error:
+            super().error(message, ex)
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        self.exit(2)
+
+
+def one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).strip().splitlines())
 
 
 class LMOptCLI(LightningCLI):
@@ -65,6 +141,7 @@ class LMOptCLI(LightningCLI):
             seed_everything_default=0,
             args=args,
             run=run,
+            parser_class=LMOptParser,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -76,6 +153,8 @@ class LMOptCLI(LightningCLI):
                              "checkpoint.filename": "best", "checkpoint.save_top_k": 1})
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        if args is None or isinstance(args, list):
+            check_yaml_files(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         # Lightning reads the hyperparameters of ckpt_path right after parsing: check the file first.
         subcommand = self.config.get("subcommand")
@@ -83,18 +162,38 @@ class LMOptCLI(LightningCLI):
         if ckpt_path in (None, "last", "best", "hpc", "registry"):  # Lightning resolves these itself
             return
         if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
+            raise UserError(f"ckpt_path={ckpt_path!r} does not exist")
         check_checkpoint(Path(ckpt_path), vars(self.config[subcommand]["model"]))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, MisconfigurationException) as err:
+            # Constructors check their arguments with ValueError: here, those are the config's values.
+            raise UserError(str(err)) from err
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with lm_opt's progress bar and model summary in place of Lightning's defaults."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(config.get("callbacks") or [])
+        has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+        if config.get("enable_progress_bar", True) is not False and not has_bar:
+            callbacks.append(StepProgressBar())
+        if config.get("enable_model_summary", True) is not False:
+            callbacks.append(ParameterSummary())
+            kwargs["enable_model_summary"] = False  # Lightning would add its own, and say so
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule
+        check_fresh_run(Path(trainer.log_dir), self.config[self.subcommand].get("ckpt_path"))
         if data.hparams.seq_len > model.config.block_size:
-            raise ValueError(f"data.seq_len={data.hparams.seq_len} exceeds the model's context "
-                             f"block_size={model.config.block_size}; lower data.seq_len or set model.arch.block_size")
+            raise UserError(f"data.seq_len={data.hparams.seq_len} exceeds the model's context "
+                            f"block_size={model.config.block_size}; lower data.seq_len or set model.arch.block_size")
         optimizer_callbacks = [c for c in trainer.callbacks if isinstance(c, OptimizerCallback)]
         if len(optimizer_callbacks) != 1:
-            raise ValueError(f"trainer.callbacks must hold exactly one lm_opt.callbacks.OptimizerCallback, "
-                             f"found {len(optimizer_callbacks)} (add one, e.g. --config configs/optim/adamw.yaml)")
+            raise UserError(f"trainer.callbacks must hold exactly one lm_opt.callbacks.OptimizerCallback, "
+                            f"found {len(optimizer_callbacks)} (add one, e.g. --config configs/optim/adamw.yaml)")
         last = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
         if self.config[self.subcommand].get("ckpt_path") == "last" and last.is_file():
             check_checkpoint(last, model.hparams)
@@ -107,10 +206,34 @@ class LMOptCLI(LightningCLI):
         )
 
 
-def main(args=None) -> None:
+def quiet_known_warnings() -> None:
+    """Hide warnings that every run prints and lm_opt cannot fix where they arise, each by its message."""
+    # Lightning's own code still uses torch's deprecated LeafSpec (lightning/pytorch/utilities/_pytree.py).
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # LightningCLI calls jsonargparse APIs deprecated since jsonargparse 4.49 (skip_none in
+    # SaveConfigCallback and --print_config, instantiate_classes, add_instantiator).
+    warnings.filterwarnings("ignore", r"\s*(skip_none parameter|``instantiate_classes``|"
+                            r"``ArgumentParser.add_instantiator``) was deprecated", DeprecationWarning)
+    warnings.filterwarnings("ignore", r"\s*By default only one JsonargparseDeprecationWarning", DeprecationWarning)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; a user error ends as one `error:` line and exit status 2 (`--debug` or
+    LM_OPT_DEBUG=1 shows its traceback)."""
+    args = None if args is None else list(args)
+    argv = sys.argv if args is None else args
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_known_warnings()
     try:
         LMOptCLI(args=args)
     except Diverged as err:
         # A diverged run is a result of a sweep, not a crash: summary.json records it.
         print(f"run diverged: {err}; recorded as status 'diverged' in summary.json")
+    except (UserError, MisconfigurationException) as err:
+        if debug_mode():
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None

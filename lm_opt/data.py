@@ -7,6 +7,7 @@ DataLoader worker reads a disjoint part of the stream, and the position of every
 saved in the checkpoint, so a resumed run continues with the next unseen window.
 """
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from datasets import load_dataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, IterableDataset
 
-from lm_opt.corpus import build_corpus, default_cache_dir
+from lm_opt.corpus import MANIFEST, build_corpus, default_cache_dir
+from lm_opt.errors import UserError
 from lm_opt.tokenizer import load_tokenizer
 
 log = logging.getLogger("lm_opt")
@@ -138,12 +140,12 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state_dict: dict) -> None:
         ranks = state_dict["ranks"]
         if len(ranks) != self.stream.world_size:
-            raise RuntimeError(f"checkpoint data position is for {len(ranks)} ranks, this run has "
-                               f"{self.stream.world_size}: resume with the same number of devices")
+            raise UserError(f"checkpoint data position is for {len(ranks)} ranks, this run has "
+                            f"{self.stream.world_size}: resume with the same number of devices")
         local = ranks[self.stream.rank]
         if local["num_workers"] != self.num_workers:
-            raise RuntimeError(f"checkpoint data position is for data.num_workers={local['num_workers']}, "
-                               f"this run has {self.num_workers}: resume with the same value")
+            raise UserError(f"checkpoint data position is for data.num_workers={local['num_workers']}, "
+                            f"this run has {self.num_workers}: resume with the same value")
         self.stream.part_states = {int(k): v for k, v in local["part_states"].items()}
         self.stream.first_part = local["first_part"]
 
@@ -157,8 +159,8 @@ def validation_windows(docs: HFIterableDataset, tokenizer, seq_len: int, n_windo
             break
     windows = packer.pop(n_windows, seq_len + 1)
     if windows is None:
-        raise ValueError(f"the validation split holds fewer than data.val_sequences={n_windows} windows "
-                         f"of {seq_len + 1} tokens; lower data.val_sequences")
+        raise UserError(f"the validation split holds fewer than data.val_sequences={n_windows} windows "
+                        f"of {seq_len + 1} tokens; lower data.val_sequences")
     return torch.from_numpy(windows.astype(np.int32))
 
 
@@ -166,11 +168,11 @@ def local_data_files(path: str) -> dict[str, list[str]]:
     """Train and validation shards of a local directory in C4's layout (`*train*.json.gz`, ...)."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.path={path!r} is neither 'embedded', a Hub dataset id, nor a directory")
+        raise UserError(f"data.path={path!r} is neither 'embedded', a Hub dataset id, nor a directory")
     files = {split: sorted(str(p) for p in root.glob(f"*{split}*.json*")) for split in ("train", "validation")}
     for split, found in files.items():
         if not found:
-            raise FileNotFoundError(f"data.path={path!r} holds no '*{split}*.json*' shards (C4 layout expected)")
+            raise UserError(f"data.path={path!r} holds no '*{split}*.json*' shards (C4 layout expected)")
     return files
 
 
@@ -210,12 +212,13 @@ class C4DataModule(L.LightningDataModule):
         super().__init__()
         for key in ("embedded_vocab", "seq_len", "batch_size", "val_sequences", "tokenize_batch"):
             if locals()[key] < 1:
-                raise ValueError(f"data.{key} must be a positive integer, got {locals()[key]}")
+                raise UserError(f"data.{key} must be a positive integer, got {locals()[key]}")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+            raise UserError(f"data.num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.tokenizer = None
+        self.stream: PackedStream | None = None
         self.train_loader: ResumableLoader | None = None
 
     def tokens_per_step(self, trainer: L.Trainer) -> int:
@@ -232,26 +235,48 @@ class C4DataModule(L.LightningDataModule):
         try:
             return load_dataset(path, self.hparams.name, streaming=True)
         except Exception as err:  # the Hub raises several types when offline or unreachable
-            raise RuntimeError(
+            raise UserError(
                 f"cannot stream data.path={path!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
                 "Offline, use `data.path: embedded` (a local corpus built from installed documentation) "
                 "or a directory of C4-style json.gz shards."
             ) from err
 
-    def prepare_data(self) -> None:
-        # Rank 0 builds the embedded corpus and tokenizer once; the other ranks reuse the cache.
-        if self.hparams.path == EMBEDDED or self.hparams.tokenizer == EMBEDDED:
-            self._load_tokenizer()
-
     def _load_tokenizer(self):
-        corpus = build_corpus(self.cache_dir / "corpus")["train"] if self.hparams.tokenizer == EMBEDDED else None
-        return load_tokenizer(self.hparams.tokenizer, pieces=self.hparams.embedded_vocab,
-                              corpus_files=corpus, cache_dir=self.cache_dir)
+        name = self.hparams.tokenizer
+        if name == EMBEDDED:
+            return load_tokenizer(name, pieces=self.hparams.embedded_vocab,
+                                  corpus_files=build_corpus(self.cache_dir / "corpus")["train"],
+                                  cache_dir=self.cache_dir)
+        try:
+            return load_tokenizer(name, cache_dir=self.cache_dir)
+        except RuntimeError as err:  # a directory without tokenizer files, an unreachable Hub id, ...
+            raise UserError(f"data.tokenizer={name!r}: {err}") from err
+
+    def prepare_data(self) -> None:
+        # Rank 0 builds the embedded corpus and tokenizer once; the other ranks reuse the cache,
+        # and rank 0 keeps its tokenizer, so setup does not load (and log) it a second time.
+        if self.hparams.path == EMBEDDED or self.hparams.tokenizer == EMBEDDED:
+            self.tokenizer = self._load_tokenizer()
+
+    def identity(self) -> dict[str, Any]:
+        """What the run reads, for its record: data and tokenizer as configured, the Hub
+        configuration, and the content hash of a local corpus's manifest where it has one."""
+        path = self.hparams.path
+        corpus = self.cache_dir / "corpus" if path == EMBEDDED else Path(path)
+        try:
+            sha256 = json.loads((corpus / MANIFEST).read_text()).get("sha256")
+        except (OSError, ValueError):
+            sha256 = None
+        hub = not (path == EMBEDDED or corpus.is_dir())
+        return {"path": path, "hub_dataset": path if hub else None, "name": self.hparams.name if hub else None,
+                "tokenizer": self.hparams.tokenizer, "corpus_sha256": sha256,
+                "embedded_vocab": self.hparams.embedded_vocab if self.hparams.tokenizer == EMBEDDED else None}
 
     def setup(self, stage: str) -> None:
-        if self.tokenizer is not None:
+        if self.stream is not None:
             return
-        self.tokenizer = self._load_tokenizer()
+        if self.tokenizer is None:  # prepare_data ran on another rank, or not at all
+            self.tokenizer = self._load_tokenizer()
         self.docs = self.load_documents()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         log.info("data: %s, tokenizer: %s (%d tokens, eos=%d)", self.hparams.path,

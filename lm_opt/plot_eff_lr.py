@@ -29,29 +29,73 @@ def read_quantiles(run_dir: Path) -> dict[str, dict[int, list[tuple[int, float]]
     return {p: {q: sorted(v.items()) for q, v in qs.items()} for p, qs in series.items()}
 
 
+# Panels of the figure: (title, pattern of the parameter names it holds), first match wins.
+KINDS = (
+    ("QKV", r"\.attn\.qkv\."),
+    ("attention out", r"\.attn\.proj\."),
+    ("MLP in", r"\.mlp\.fc\."),
+    ("MLP out", r"\.mlp\.proj\."),
+    ("norms", r"norm\."),
+    ("embedding", r"^wte\."),
+    ("last layer: spread across logits", r"^lm_head\..*/rows$"),
+    ("last layer", r"^lm_head\."),
+)
+BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def depth(name: str) -> int | None:
+    """The block index of a parameter; None outside the blocks (embedding, final norm, last layer)."""
+    match = BLOCK.search(name)
+    return int(match[1]) if match else None
+
+
+def panels(names: list[str]) -> dict[str, list[str]]:
+    """Parameter names grouped by kind, in KINDS order; names of no kind go to `other`."""
+    groups: dict[str, list[str]] = {title: [] for title, _ in KINDS}
+    groups["other"] = []
+    for name in sorted(names, key=lambda n: (depth(n) is None, depth(n) or 0, n)):
+        title = next((t for t, pattern in KINDS if re.search(pattern, name)), "other")
+        groups[title].append(name)
+    return {title: members for title, members in groups.items() if members}
+
+
 def plot(series: dict[str, dict[int, list[tuple[int, float]]]], out: Path, title: str) -> None:
-    """One panel per parameter: the median line and shaded 5-95% and 25-75% bands, log scale."""
-    names = sorted(series)
-    cols = min(4, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharex=True)
-    for ax, name in zip(axes.flat, names):
-        qs = series[name]
-        steps = [s for s, _ in qs[50]]
-        value = {q: [v for _, v in qs[q]] for q in qs}
-        ax.fill_between(steps, value[5], value[95], alpha=0.2, label="5-95%")
-        ax.fill_between(steps, value[25], value[75], alpha=0.4, label="25-75%")
-        ax.plot(steps, value[50], label="median")
+    """One panel per kind of tensor, log scale. Each tensor's median is a line coloured by its
+    depth (black outside the blocks) over its shaded 25-75% band; the panel of the last
+    layer's spread across logits shows the quantiles of the per-logit medians instead."""
+    groups = panels(list(series))
+    depths = [d for name in series if (d := depth(name)) is not None]
+    colors = plt.get_cmap("viridis")
+    norm = matplotlib.colors.Normalize(0, max(depths, default=0) or 1)
+    cols = min(4, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharex=True)
+    for ax, (kind, names) in zip(axes.flat, groups.items()):
+        for name in names:
+            qs = series[name]
+            steps = [s for s, _ in qs[50]]
+            value = {q: [v for _, v in qs[q]] for q in qs}
+            if kind.startswith("last layer: spread"):
+                ax.fill_between(steps, value[5], value[95], alpha=0.2, color="k", label="5-95% of logits")
+                ax.fill_between(steps, value[25], value[75], alpha=0.4, color="k", label="25-75%")
+                ax.plot(steps, value[50], color="k", label="median")
+                ax.legend(fontsize=7)
+                continue
+            d = depth(name)
+            color = "k" if d is None else colors(norm(d))
+            ax.fill_between(steps, value[25], value[75], alpha=0.12, color=color, linewidth=0)
+            ax.plot(steps, value[50], color=color, linewidth=1)
         ax.set_yscale("log")
-        ax.set_title(name, fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
+        ax.set_title(f"{kind} ({len(names)} tensors)" if len(names) > 1 else kind, fontsize=9)
+    for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title)
+    if depths:
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colors), ax=axes, label="block (depth)",
+                     shrink=0.8, pad=0.02)
+    fig.suptitle(f"{title}: median and 25-75% of each tensor's effective lr")
     fig.supxlabel("step")
     fig.supylabel("effective lr  lr / (sqrt(v_hat) + eps)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -70,4 +114,4 @@ def main(argv: list[str] | None = None) -> None:
                      "and an adaptive optimizer")
     out = args.out or args.run_dir / "eff_lr.png"
     plot(series, out, title=args.run_dir.name)
-    print(f"wrote {out} ({len(series)} parameters)")
+    print(f"wrote {out} ({len(series)} tensors in {len(panels(list(series)))} panels)")

@@ -2,6 +2,8 @@
 
 import math
 
+from lm_opt.errors import UserError
+
 
 def lr_factor(step: int, total_steps: int, warmup: float = 0.1, min_ratio: float = 0.1, hold_steps: int = 0) -> float:
     """Multiplier of the peak lr at `step` (0-based).
@@ -33,15 +35,15 @@ def resolve_max_steps(
     At most one of `max_tokens` and `tokens_per_param` may be set; either overrides `max_steps`.
     """
     if max_tokens is not None and tokens_per_param is not None:
-        raise ValueError("set at most one of model.max_tokens and model.tokens_per_param")
+        raise UserError("set at most one of model.max_tokens and model.tokens_per_param")
     if max_tokens is None and tokens_per_param is None:
         if max_steps is None or max_steps < 1:
-            raise ValueError(
+            raise UserError(
                 f"trainer.max_steps={max_steps}: set a positive trainer.max_steps, model.max_tokens or "
                 "model.tokens_per_param (the LR schedule needs the run length)"
             )
         return max_steps
     tokens = max_tokens if max_tokens is not None else tokens_per_param * num_params
     if tokens <= 0:
-        raise ValueError(f"the run length must be positive, got {tokens} tokens")
+        raise UserError(f"the run length must be positive, got {tokens} tokens")
     return max(1, math.ceil(tokens / tokens_per_step))

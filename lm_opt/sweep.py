@@ -66,7 +66,8 @@ if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "({done})"' "$RUN/summary.j
   exit 0
 fi
 RESUME=()
-if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last); fi
+if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
+else rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"; fi  # an attempt without a checkpoint starts over
 exec {command} "${{RESUME[@]}}"
 """
 

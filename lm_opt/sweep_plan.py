@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from lm_opt.errors import invalid_yaml
+
 SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "overrides")
 OPTIMIZER_KEYS = ("config", "grid")
 OPTIMIZER_HEADS = ("optimizer", "routes")
@@ -107,7 +109,10 @@ def load_spec(path: str | Path) -> dict:
     """Read and check a spec; every error names the key it is about."""
     if not Path(path).is_file():
         raise SpecError(f"sweep spec {str(path)!r} does not exist")
-    spec = _mapping(yaml.safe_load(Path(path).read_text()), f"sweep spec {path}")
+    try:
+        spec = _mapping(yaml.safe_load(Path(path).read_text()), f"sweep spec {path}")
+    except yaml.YAMLError as err:
+        raise SpecError(f"sweep spec {invalid_yaml(path, err)}") from None
     _check_keys(spec, SPEC_KEYS, f"sweep spec {path}")
     name = spec.get("name")
     if not isinstance(name, str) or not _word(name):

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_opt.cli import main
@@ -28,15 +29,33 @@ def fit(*args: str) -> None:
     main(list(args))
 
 
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    """step -> value of a TensorBoard scalar, the last write winning (a resumed run rewrites)."""
-    out = {}
-    for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+def fit_fails(capsys, *args: str) -> str:
+    """The `error:` line of a `fit` that must end as a user error: exit status 2, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        fit(*args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def events(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """Every (step, value) written for a TensorBoard scalar, in the order of the event files."""
+    out = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars(tag)})
+            out += [(e.step, e.value) for e in acc.Scalars(tag)]
     return out
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of a TensorBoard scalar, the last write winning (a resumed run rewrites)."""
+    return dict(events(run_dir, tag))
 
 
 def summary(run_dir: Path) -> dict:

@@ -10,6 +10,7 @@ import torch
 from datasets import load_dataset
 
 from lm_opt.data import STATE_KEY, Packer, PackedStream, ResumableLoader, local_data_files, validation_windows
+from lm_opt.errors import UserError
 
 EOS = 1
 
@@ -135,7 +136,7 @@ def test_validation_windows_are_fixed_and_complete(corpus):
 
 
 def test_a_directory_without_shards_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(UserError, match=str(tmp_path)):
         local_data_files(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(UserError, match="neither"):
         local_data_files(str(tmp_path / "missing"))

@@ -275,3 +275,12 @@ def test_dry_run_checks_and_lists_but_writes_and_runs_nothing(tmp_path, capsys, 
     out = capsys.readouterr().out
     assert "start  signum_lr1.00e-03" in out and "python -m lm_opt fit --config configs/quickstart.yaml" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_spec_is_named_with_its_line(tmp_path, capsys, no_launch):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: micro\nout_dir: [\n")
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main([str(spec)])
+    assert exit_.value.code == 2
+    assert f"sweep spec {spec}, line 3, column 1: invalid YAML" in capsys.readouterr().err

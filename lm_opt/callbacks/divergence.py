@@ -6,6 +6,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lm_opt.errors import UserError
+
 
 class Diverged(Exception):
     """Raised to end a diverged run; `python -m lm_opt` turns it into a clean exit with status 0."""
@@ -38,9 +40,9 @@ class DivergenceStop(L.Callback):
                 (one device sync each); a run diverges at the first check after its loss did.
         """
         if max_ratio <= 1:
-            raise ValueError(f"divergence.max_ratio must be > 1, got {max_ratio}")
+            raise UserError(f"divergence.max_ratio must be > 1, got {max_ratio}")
         if check_every_n_steps < 1:
-            raise ValueError(f"divergence.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise UserError(f"divergence.check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.max_ratio = max_ratio
         self.ignore_first = ignore_first
         self.check_every_n_steps = check_every_n_steps

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lm_opt.callbacks.optimizer import clean_name
+from lm_opt.errors import UserError
 from lm_opt.optim.composite import CompositeOptimizer
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -88,7 +89,7 @@ class EffectiveLRQuantiles(L.Callback):
             histograms: Also log each tensor's distribution as a TensorBoard histogram.
         """
         if every_n_steps < 0:
-            raise ValueError(f"eff_lr.every_n_steps must be >= 0, got {every_n_steps}")
+            raise UserError(f"eff_lr.every_n_steps must be >= 0, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.histograms = histograms
         self.logged_step = -1

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from lm_opt.errors import UserError
 from lm_opt.model import GPT, ROLES
 from lm_opt.optim.composite import CompositeOptimizer
 
@@ -49,10 +50,14 @@ class Route:
     def __post_init__(self):
         unknown = set(self.roles or []) - set(ROLES)
         if unknown:
-            raise ValueError(f"route roles {sorted(unknown)} are unknown; expected some of {list(ROLES)}")
+            raise UserError(f"route roles {sorted(unknown)} are unknown; expected some of {list(ROLES)}")
         if "class_path" not in self.optimizer:
-            raise ValueError(f"route optimizer {self.optimizer} needs a class_path")
+            raise UserError(f"route optimizer {self.optimizer} needs a class_path")
         self.name = self.name or "+".join(self.roles or ["all"])
+
+    def describe(self) -> str:
+        """The route as its config gives it: label, roles and pattern."""
+        return f"route {self.name!r} (roles {self.roles or 'any'}, pattern {self.pattern!r})"
 
     def matches(self, name: str, role: str) -> bool:
         return (self.roles is None or role in self.roles) and (
@@ -68,7 +73,8 @@ def route_parameters(model: GPT, routes: list[Route]) -> list[list[tuple[str, to
     """The (name, parameter) pairs each route takes, first match wins.
 
     Raises:
-        ValueError: naming the parameters no route covers, or the routes that match nothing.
+        UserError: naming the parameters no route covers, or the roles and pattern of a route that
+            takes nothing.
     """
     roles = model.param_roles()
     taken: list[list[tuple[str, torch.nn.Parameter]]] = [[] for _ in routes]
@@ -81,10 +87,13 @@ def route_parameters(model: GPT, routes: list[Route]) -> list[list[tuple[str, to
         else:
             taken[index].append((name, p))
     if uncovered:
-        raise ValueError(f"no route covers these parameters: {', '.join(uncovered)}")
-    unused = [r.name for r, params in zip(routes, taken) if not params]
-    if unused:
-        raise ValueError(f"routes {unused} match no parameter (earlier routes took them, or the roles/pattern are wrong)")
+        raise UserError(f"no route covers these parameters: {', '.join(uncovered)}; add a route for their roles")
+    for route, params in zip(routes, taken):
+        if not params:
+            matching = sum(route.matches(name, role) for name, role in roles.items())
+            why = (f"earlier routes took all {matching} parameters it matches" if matching else
+                   "no parameter has one of its roles and a name that contains the pattern")
+            raise UserError(f"{route.describe()} takes no parameter: {why}")
     return taken
 
 
@@ -110,7 +119,7 @@ def _class(class_path: str) -> type:
     try:
         return getattr(__import__(module, fromlist=[name]), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"optimizer class_path {class_path!r} cannot be imported: {err}") from err
+        raise UserError(f"optimizer class_path {class_path!r} cannot be imported: {err}") from err
 
 
 def check_hyperparameters(route: Route, cls: type) -> None:
@@ -118,8 +127,8 @@ def check_hyperparameters(route: Route, cls: type) -> None:
     try:
         instantiate_class([torch.nn.Parameter(torch.zeros(2, 2))], route.optimizer)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"route {route.name!r}: {cls.__name__} rejects init_args "
-                         f"{route.optimizer.get('init_args', {})}: {err}") from err
+        raise UserError(f"route {route.name!r}: {cls.__name__} rejects init_args "
+                        f"{route.optimizer.get('init_args', {})}: {err}") from err
 
 
 class OptimizerCallback(L.Callback):
@@ -132,7 +141,7 @@ class OptimizerCallback(L.Callback):
             routes: Ordered routes; the first whose roles and pattern match takes a parameter.
         """
         if (optimizer is None) == (routes is None):
-            raise ValueError("OptimizerCallback takes exactly one of `optimizer` and `routes`")
+            raise UserError("OptimizerCallback takes exactly one of `optimizer` and `routes`")
         self.routes = [Route(optimizer=optimizer)] if optimizer is not None else [
             r if isinstance(r, Route) else Route(**r) for r in routes
         ]
@@ -145,9 +154,9 @@ class OptimizerCallback(L.Callback):
         if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             for route, cls in zip(self.routes, self.classes):
                 if reason := sharding_obstacle(cls):
-                    raise ValueError(f"route {route.name!r}: {cls.__name__} cannot run under "
-                                     f"{type(trainer.strategy).__name__}, which shards parameters: {reason}; "
-                                     "use strategy: ddp, or an elementwise optimizer (AdamW, SGD, Lion, Signum, ...)")
+                    raise UserError(f"route {route.name!r}: {cls.__name__} cannot run under "
+                                    f"{type(trainer.strategy).__name__}, which shards parameters: {reason}; "
+                                    "use strategy: ddp, or an elementwise optimizer (AdamW, SGD, Lion, Signum, ...)")
         pl_module.optimizer_factory = self.build
         pl_module.schedule_hold_steps = self.hold_steps
 

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lm_opt.callbacks.divergence import Diverged
+from lm_opt.provenance import provenance
 
 SUMMARY_FILE = "summary.json"
 
@@ -26,7 +27,8 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 class RunRecord(SaveConfigCallback):
     """Saves the resolved config (as Lightning's SaveConfigCallback) and, at the end of `fit`,
     a `summary.json` that sweeps and reports read: status, final and best validation loss,
-    steps, tokens, wall time and the full config.
+    steps, tokens, wall time, the full config and its provenance (code commit, package
+    versions, device, precision, data and tokenizer identity; lm_opt.provenance).
 
     Status is `finished`, `diverged` (with what the divergence callback recorded),
     `interrupted` (Ctrl-C or SIGTERM) or `failed` (an exception, with its message).
@@ -38,11 +40,15 @@ class RunRecord(SaveConfigCallback):
         self.start_time = time.time()
         self.best_val_loss = math.inf
         self.final_val_loss = math.nan
+        self.final_val_step: int | None = None
+        # Read when the run starts: the checkout may change while it runs.
+        self.provenance = provenance(trainer, trainer.datamodule) if trainer.is_global_zero else None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
             return
         self.final_val_loss = trainer.callback_metrics["val/loss"].item()
+        self.final_val_step = trainer.global_step
         if self.final_val_loss < self.best_val_loss:
             self.best_val_loss = self.final_val_loss
 
@@ -64,13 +70,15 @@ class RunRecord(SaveConfigCallback):
         summary = {
             **status,
             "final_val_loss": None if math.isnan(self.final_val_loss) else self.final_val_loss,
+            "final_val_step": self.final_val_step,
             "best_val_loss": None if math.isinf(self.best_val_loss) else self.best_val_loss,
             "steps": steps,
             "max_steps": trainer.max_steps,
             "tokens": steps * pl_module.tokens_per_step(),
             "parameters": pl_module.model.num_params(),
             "wall_time_s": round(time.time() - self.start_time, 2),
-            "config": self.parser.dump(self.config, format="json", skip_none=False),
+            "config": self.parser.dump(self.config, format="json", skip_unset=False),
+            "provenance": self.provenance,
         }
         summary["config"] = json.loads(summary["config"])
         write_json_atomic(Path(self.log_dir) / SUMMARY_FILE, summary)

