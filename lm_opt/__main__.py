@@ -5,9 +5,9 @@ import os
 import sys
 
 TOOLS = {
-    "sweep": "lm_opt.sweep",
-    "report": "lm_opt.report",
-    "plot-eff-lr": "lm_opt.plot_eff_lr",
+    "sweep": "lm_opt.study.sweep",
+    "report": "lm_opt.study.report",
+    "plot-eff-lr": "lm_opt.study.plot_eff_lr",
 }
 
 

@@ -11,7 +11,7 @@ Stability (after the study's Fig. 1): the range of the swept value whose final l
 within `margin` nats of the line's best, and its width in decades.
 
 Every figure carries its baseline and its noise. The baseline is the unigram cross-entropy of
-the runs' validation set (lm_opt.baseline), drawn as a horizontal line. The noise comes from
+the runs' validation set (lm_opt.study.baseline), drawn as a horizontal line. The noise comes from
 the seed repeats of each line's best point (`seeds` in the spec): their mean, standard
 deviation and range, drawn as error bars; a difference between two optimizers counts as shown
 only where their seed ranges do not overlap.
@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lm_opt.sweep_plan import format_value, short_name
+from lm_opt.study.sweep_plan import format_value, short_name
 
 BASELINE = "baseline.json"
 REFERENCE = "adamw"
@@ -175,7 +175,7 @@ def baseline(sweep_dir: Path, rows: list[dict]) -> dict | None:
     configs = [r["run_dir"] / "config.yaml" for r in rows if (r["run_dir"] / "config.yaml").is_file()]
     if not configs:
         return None
-    from lm_opt.baseline import data_baseline
+    from lm_opt.study.baseline import data_baseline
 
     data = yaml.safe_load(configs[0].read_text())["data"]
     result = {**data_baseline(data), "data": data}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_opt.report import main, stability, load_rows
+from lm_opt.study.report import main, stability, load_rows
 
 PAIRED_ON = {"model.qk_norm": True, "model.z_loss": 1e-4}
 

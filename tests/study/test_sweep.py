@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm_opt import report, sweep, sweep_plan
+from lm_opt.study import report, sweep, sweep_plan
 
 SWEEPS = sorted(Path("configs/sweeps").glob("*.yaml"))
 TINY = {"data.seq_len": 32, "data.batch_size": 4, "data.val_sequences": 8, "data.num_workers": 0,

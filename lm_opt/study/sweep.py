@@ -1,6 +1,6 @@
 """`python -m lm_opt sweep SPEC [--jobs N] [--slurm] [--dry-run]`: a grid of ordinary `fit` runs.
 
-Each point of the spec (planned and checked by `lm_opt.sweep_plan`) is one `python -m lm_opt
+Each point of the spec (planned and checked by `lm_opt.study.sweep_plan`) is one `python -m lm_opt
 fit` run in its own folder `out_dir/<point name>`, which holds the point's optimizer YAML (a
 copy of the optimizer's with the swept values), `command.sh` (run it to run, rerun or resume
 the point alone; local runs and Slurm tasks both run exactly it) and `point.json` (the swept
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from lm_opt.report import write_report
-from lm_opt.sweep_plan import OPTIMIZER_YAML, Point, SpecError, line_of, load_spec, plan, validate, with_seed
+from lm_opt.study.report import write_report
+from lm_opt.study.sweep_plan import OPTIMIZER_YAML, Point, SpecError, line_of, load_spec, plan, validate, with_seed
 
 DONE = ("finished", "diverged")
 """Run statuses that are a result; a rerun leaves such a point alone."""

@@ -2,7 +2,7 @@ import pytest
 
 from cli_helpers import fit, tiny_args
 from lm_opt.model import GPT, ModelConfig
-from lm_opt.plot_eff_lr import depth, main, panels, read_quantiles
+from lm_opt.study.plot_eff_lr import depth, main, panels, read_quantiles
 
 
 def test_plot_of_a_run_shows_every_parameter(tmp_path):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from lm_opt.baseline import unigram_counts, unigram_cross_entropy
+from lm_opt.study.baseline import unigram_counts, unigram_cross_entropy
 
 
 class WordTokenizer:
