@@ -90,7 +90,8 @@ def test_shipped_sweeps_parse(spec):
 def test_the_readme_study_results_are_those_of_the_shipped_spec():
     """`logs/sweeps/cpu_study/results.csv` (the README's figure and table) has one finished or
     diverged row per grid point of `configs/sweeps/cpu_study.yaml` and every seed repeat at each
-    optimizer's best point: a grid edited without rerunning the sweep fails here."""
+    optimizer's best point, and that best point lies inside its grid (bracketed by a neighbour on each
+side): a grid edited without rerunning the sweep fails here."""
     spec = sweep_plan.load_spec(Path("configs/sweeps/cpu_study.yaml"))
     rows = list(csv.DictReader(open("logs/sweeps/cpu_study/results.csv")))
     grid = {p.name for p in sweep_plan.plan(spec)}
@@ -98,7 +99,12 @@ def test_the_readme_study_results_are_those_of_the_shipped_spec():
     assert {r["status"] for r in rows} <= {"finished", "diverged"}
     for optimizer in spec["optimizers"]:
         line = [r for r in rows if r["optimizer"] == optimizer and r["point"] in grid and r["status"] == "finished"]
-        best = min(line, key=lambda r: float(r["final_val_loss"]))["point"]
+        best = min(line, key=lambda r: float(r["final_val_loss"]))
+        axis = next(iter(spec["optimizers"][optimizer]["grid"]))
+        grid_values = sorted(spec["optimizers"][optimizer]["grid"][axis])
+        assert grid_values[0] < float(best[axis]) < grid_values[-1], (
+            f"{optimizer}: best point {best['point']} is at the edge of its grid {grid_values}")
+        best = best["point"]
         repeats = {r["point"] for r in rows if r["point"].startswith(best + "_seed")}
         assert repeats == {f"{best}_seed{s}" for s in spec["seeds"]}, optimizer
 
