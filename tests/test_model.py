@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lm_opt.model import GPT, PRESETS, ROLES, ModelConfig, lm_loss
 
@@ -30,6 +31,18 @@ def test_z_loss_matches_its_formula():
     torch.testing.assert_close(z, expected_z.float())
     torch.testing.assert_close(ce, expected_ce.float())
     assert lm_loss(logits, targets, z_loss=0.0)[1].item() == 0.0
+
+
+def test_the_fused_loss_has_the_gradients_of_cross_entropy_plus_a_separate_z_loss():
+    """One log-sum-exp for both terms changes the passes over the logits, not the gradients."""
+    logits = torch.randn(3, 6, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 6))
+    ce, z = lm_loss(logits, targets, z_loss=1e-2)
+    (fused,) = torch.autograd.grad(ce + z, logits)
+    flat = logits.flatten(0, 1)
+    separate = F.cross_entropy(flat, targets.flatten()) + 1e-2 * torch.logsumexp(flat, -1).pow(2).mean()
+    (expected,) = torch.autograd.grad(separate, logits)
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-9)
 
 
 def test_qk_norm_adds_exactly_the_query_and_key_layernorms():
