@@ -102,7 +102,7 @@ side): a grid edited without rerunning the sweep fails here."""
         best = min(line, key=lambda r: float(r["final_val_loss"]))
         axis = next(iter(spec["optimizers"][optimizer]["grid"]))
         grid_values = sorted(spec["optimizers"][optimizer]["grid"][axis])
-        assert grid_values[0] < float(best[axis]) < grid_values[-1], (
+        assert grid_values[0] < float(best[sweep_plan.short_name(axis)]) < grid_values[-1], (
             f"{optimizer}: best point {best['point']} is at the edge of its grid {grid_values}")
         best = best["point"]
         repeats = {r["point"] for r in rows if r["point"].startswith(best + "_seed")}
