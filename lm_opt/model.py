@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 Role = Literal["embedding", "matrix", "norm", "last_layer"]
 ROLES: tuple[Role, ...] = ("embedding", "matrix", "norm", "last_layer")
@@ -177,6 +178,9 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.block_size, config.head_size, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        """Recompute each block's activations in backward instead of keeping them: memory for
+        one block's activations at a time, for about one more forward pass of compute."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -202,7 +206,10 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.wte(idx)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         return self.lm_head(self.norm(x))
 
     def param_roles(self) -> dict[str, Role]:

@@ -13,7 +13,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from lightning.pytorch.strategies import ModelParallelStrategy
+
 from lm_opt.model import GPT, ModelConfig, lm_loss
+from lm_opt.parallel import shard
 from lm_opt.schedule import lr_factor
 
 OptimizerFactory = Callable[[GPT], torch.optim.Optimizer]
@@ -31,6 +34,7 @@ class LMModule(L.LightningModule):
         max_tokens: int | None = None,
         tokens_per_param: float | None = None,
         compile: bool = False,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -42,7 +46,10 @@ class LMModule(L.LightningModule):
             min_lr_ratio: Where the warmup starts and the cosine decay ends, relative to the peak lr.
             max_tokens: Run length in tokens (sets trainer.max_steps); exclusive with tokens_per_param.
             tokens_per_param: Run length as tokens per parameter (20 is Chinchilla's, the study's).
-            compile: Compile the model with torch.compile.
+            compile: Compile the model and the loss with torch.compile (under FSDP2: each block,
+                and the loss on its own).
+            activation_checkpointing: Recompute each block's activations in backward (less memory,
+                about a third more compute).
         """
         super().__init__()
         if warmup < 0:
@@ -55,6 +62,9 @@ class LMModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.optimizer_factory: OptimizerFactory | None = None
         self.schedule_hold_steps = 0
+        self.loss_fn = lm_loss
+        self.compiled_or_sharded = False
+        self.tokens_logged_at = 0
 
     def setup(self, stage: str) -> None:
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
@@ -64,8 +74,21 @@ class LMModule(L.LightningModule):
                              "model.arch.vocab_size, or data.embedded_vocab to match the preset")
 
     def configure_model(self) -> None:
-        if self.hparams.compile:
-            self.model = torch.compile(self.model)
+        """Checkpointing, compilation and, under FSDP2Strategy, sharding: names stay unchanged."""
+        if self.compiled_or_sharded:
+            return  # fit, then validate or test, in one process
+        self.compiled_or_sharded = True
+        self.model.activation_checkpointing = self.hparams.activation_checkpointing
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+        if self.hparams.compile and sharded:
+            for block in self.model.blocks:
+                block.compile()  # per block, as FSDP2 gathers and frees per block
+            self.loss_fn = torch.compile(lm_loss)
+        elif self.hparams.compile:
+            # One graph of model and loss: the float32 logits are never materialized.
+            self._losses = torch.compile(self._losses)
+        if sharded:
+            shard(self.model, self.device_mesh["data_parallel"], str(self.trainer.precision))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -73,7 +96,7 @@ class LMModule(L.LightningModule):
     def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = batch["input_ids"].long()
         logits = self.model(tokens[:, :-1])
-        return lm_loss(logits, tokens[:, 1:], self.config.z_loss)
+        return self.loss_fn(logits, tokens[:, 1:], self.config.z_loss)
 
     def tokens_per_step(self) -> int:
         """Tokens consumed by one optimizer step across all devices."""
@@ -88,11 +111,20 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, z = self._losses(batch)
+        # Logged tensors stay on the device; Lightning reads them only at log_every_n_steps, and
+        # the progress bar at its refresh rate.
         self.log("train/loss", ce, prog_bar=True)
         self.log("train/z_loss", z)
-        # Batches have a fixed size, so tokens seen derive from the step and need no state.
-        self.log("train/tokens", float((self.global_step + 1) * self.tokens_per_step()))
         return ce + z
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Tokens seen derive from the step (batches have a fixed size): written straight to the
+        # logger at its logging steps, never copied to the device.
+        # Lightning writes step k's metrics at x = k - 1, so the points line up with train/loss.
+        step = self.global_step
+        if self.logger and step != self.tokens_logged_at and step % self.trainer.log_every_n_steps == 0:
+            self.logger.log_metrics({"train/tokens": step * self.tokens_per_step()}, step=step - 1)
+            self.tokens_logged_at = step
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ce, _ = self._losses(batch)

@@ -139,3 +139,19 @@ def test_sequence_longer_than_context_is_rejected():
     model = tiny()
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, model.config.block_size + 1, dtype=torch.long))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing each block in backward changes what is kept, not what is computed."""
+    idx = torch.randint(0, 1000, (2, 17))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny()
+        model.activation_checkpointing = checkpointing
+        ce, z = lm_loss(model(idx[:, :-1]), idx[:, 1:], model.config.z_loss)
+        (ce + z).backward()
+        grads.append((ce.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ce0, g0), (ce1, g1) = grads
+    assert torch.equal(ce0, ce1)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)

@@ -15,13 +15,15 @@ class StepProgressBar(TQDMProgressBar):
 
     Runs are step-based (trainer.max_steps, one endless epoch), so Lightning's bar, which counts
     epochs (`Epoch 0/-2`), says nothing. Tokens/s is measured over the last `window` steps, with
-    the time spent validating left out.
+    the time spent validating left out. The bar reads the loss (a host sync) once every
+    `refresh_rate` optimizer steps, never on the micro-batches of gradient accumulation.
     """
 
     def __init__(self, refresh_rate: int = 1, window: int = 20):
         super().__init__(refresh_rate=refresh_rate)
         self.times: deque[tuple[float, int]] = deque(maxlen=window)
         self.tokens_per_s: float | None = None
+        self.seen_step = -1
 
     def init_train_tqdm(self) -> Tqdm:
         # Created when training starts, after a resumed run has restored its step.
@@ -30,12 +32,19 @@ class StepProgressBar(TQDMProgressBar):
                     file=sys.stdout, smoothing=0,
                     bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.seen_step = trainer.global_step
+
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         pass  # the one endless epoch: Lightning's bar would restart its count (of batches) here
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step
+        if step == self.seen_step:
+            return  # another micro-batch of the same optimizer step
+        self.seen_step = step
         self.times.append((time.monotonic(), step))
         bar = self.train_progress_bar
         if self._should_update(step, bar.total) and not bar.disable:

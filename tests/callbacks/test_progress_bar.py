@@ -27,3 +27,22 @@ def test_a_run_shows_steps_tokens_per_second_and_val_loss_without_noise(tmp_path
     bar = shown.out + shown.err
     steps = [line for line in re.split(r"[\r\n]", bar) if line.startswith("step ")]
     assert steps[0].startswith("step 4/6") and steps[-1].startswith("step 6/6")
+
+
+def test_under_accumulation_the_bar_reads_the_loss_once_per_optimizer_step(tmp_path, monkeypatch):
+    """Reading a logged loss is a host sync: not on every micro-batch."""
+    from lm_opt.callbacks.progress_bar import StepProgressBar
+
+    reads = []
+    get_metrics = StepProgressBar.get_metrics
+
+    def counted(self, trainer, pl_module):
+        if trainer.training:
+            reads.append(trainer.global_step)
+        return get_metrics(self, trainer, pl_module)
+
+    monkeypatch.setattr(StepProgressBar, "get_metrics", counted)
+    fit(*tiny_args(tmp_path, "run", 3, "--trainer.enable_progress_bar", "true",
+                   "--trainer.accumulate_grad_batches", "4", "--trainer.val_check_interval", "12"))
+    # 12 micro-batches: a read after each of the 3 optimizer steps, and one as training ends.
+    assert reads == [1, 2, 3, 3]
