@@ -3,7 +3,8 @@
 Two tables. The first steps every elementwise or block optimizer on the whole parameter
 set of the preset (random gradients), interleaved round-robin so that they share the
 machine's load, and gives the median ms per step and the ratio to
-``torch.optim.AdamW(foreach=True)``. The second times the matmul-bound optimizers (SOAP,
+``torch.optim.AdamW(fused=True)``; lm_opt's optimizers run both eager (foreach) and with
+``fused=True`` (``torch.compile``; its first step, compilation included, is listed). The second times the matmul-bound optimizers (SOAP,
 Shampoo, Muon) on one tensor of each distinct shape, next to AdamW on that tensor: the
 plain step, the refresh step (SOAP: power iteration + QR; Shampoo: eigh-based inverse
 roots), the amortized step over ``precondition_frequency`` = 10, and SOAP's one-time
@@ -28,6 +29,7 @@ from lm_opt.model import GPT, ModelConfig
 from lm_opt.optim import EMASGD, SOAP, Adafactor, Adalayer, AdamMini, Lion, ScheduleFreeAdamW, Shampoo, Signum
 
 FREQUENCY = 10  # precondition_frequency of SOAP and Shampoo
+REFERENCE = "AdamW (fused)"  # the row the first table's ratios divide by
 
 Factory = Callable[[list[Tensor]], Optimizer]
 
@@ -58,15 +60,21 @@ def elementwise_optimizers(model: GPT) -> dict[str, Callable[[], Optimizer]]:
     """The optimizers of the first table, on the whole model, with the study's settings."""
     params = list(model.parameters())
     return {
+        REFERENCE: lambda: torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0, fused=True),
         "AdamW (foreach)": lambda: torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0,
                                                      foreach=True),
         "SGD (momentum 0.98, foreach)": lambda: torch.optim.SGD(params, lr=1.0, momentum=0.98, foreach=True),
         "Lion": lambda: Lion(params, lr=3e-4, betas=(0.9, 0.95)),
+        "Lion (fused)": lambda: Lion(params, lr=3e-4, betas=(0.9, 0.95), fused=True),
         "Signum": lambda: Signum(params, lr=3e-4, momentum=0.95),
+        "Signum (fused)": lambda: Signum(params, lr=3e-4, momentum=0.95, fused=True),
         "Adafactor": lambda: Adafactor(params, lr=3e-3, betas=(0.9, 0.95)),
         "Adalayer (routed blocks)": lambda: Adalayer(routed(model, Adalayer), lr=3e-3, betas=(0.9, 0.95)),
+        "Adalayer (routed blocks, fused)": lambda: Adalayer(routed(model, Adalayer), lr=3e-3, betas=(0.9, 0.95),
+                                                            fused=True),
         "AdamMini (routed blocks)": lambda: AdamMini(routed(model, AdamMini), lr=3e-3, weight_decay=0.0),
         "EMASGD": lambda: EMASGD(params, lr=1.0, momentum=0.9),
+        "EMASGD (fused)": lambda: EMASGD(params, lr=1.0, momentum=0.9, fused=True),
         "ScheduleFreeAdamW": lambda: ScheduleFreeAdamW(params, lr=3e-3, betas=(0.9, 0.95)),
     }
 
@@ -97,11 +105,21 @@ def round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str,
             for name, t in times.items()}
 
 
-def time_model(model: GPT, repeats: int, steps_per_sample: int) -> dict[str, tuple[float, float]]:
-    """Median wall-clock and CPU ms per step of each elementwise optimizer on the whole model."""
+def time_model(
+    model: GPT, repeats: int, steps_per_sample: int
+) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """Median wall-clock and CPU ms per step of each elementwise optimizer on the whole model,
+    and the wall-clock seconds of each one's first two steps (state, and compilation where
+    ``fused``: the second step, with a new lr, must not recompile)."""
     optimizers = {name: make() for name, make in elementwise_optimizers(model).items()}
-    for opt in optimizers.values():
-        opt.step()  # allocates the state, outside the timing
+    first_steps = {}
+    for name, opt in optimizers.items():
+        start = time.perf_counter()
+        opt.step()  # allocates the state (and compiles), outside the timing
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+        opt.step()
+        first_steps[name] = time.perf_counter() - start
 
     def sample(opt: Optimizer) -> Callable[[], None]:
         def run() -> None:
@@ -110,7 +128,8 @@ def time_model(model: GPT, repeats: int, steps_per_sample: int) -> dict[str, tup
         return run
 
     medians = round_robin({name: sample(opt) for name, opt in optimizers.items()}, repeats)
-    return {name: (1e3 * w / steps_per_sample, 1e3 * c / steps_per_sample) for name, (w, c) in medians.items()}
+    rows = {name: (1e3 * w / steps_per_sample, 1e3 * c / steps_per_sample) for name, (w, c) in medians.items()}
+    return rows, first_steps
 
 
 def forced_step(opt: Optimizer, p: Tensor, step: int | None) -> Callable[[], None]:
@@ -210,11 +229,13 @@ def main() -> None:
     print(f"preset {args.preset}: {n:,} parameters in {len(list(model.parameters()))} tensors; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{repeats} samples of {steps} step(s), median\n", flush=True)
-    rows = time_model(model, repeats, steps)
-    wall0, cpu0 = rows["AdamW (foreach)"]
-    print("| optimizer | wall ms / step | vs AdamW | CPU ms / step | vs AdamW |\n| --- | --- | --- | --- | --- |")
+    rows, first_steps = time_model(model, repeats, steps)
+    wall0, cpu0 = rows[REFERENCE]
+    print(f"| optimizer | wall ms / step | vs {REFERENCE} | CPU ms / step | vs {REFERENCE} | first 2 steps s |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for name, (wall, cpu) in rows.items():
-        print(f"| {name} | {wall:.1f} | {wall / wall0:.2f}x | {cpu:.1f} | {cpu / cpu0:.2f}x |")
+        print(f"| {name} | {wall:.2f} | {wall / wall0:.2f}x | {cpu:.2f} | {cpu / cpu0:.2f}x "
+              f"| {first_steps[name]:.1f} |")
     print(flush=True)
     if not args.skip_kron:
         del model  # frees the whole-model gradients and states before the per-shape runs

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lm_opt.optim.lion import compiled, fusable, scalars
 from lm_opt.optim.state import (
     BaseOptimizer,
     check_args,
@@ -141,6 +142,34 @@ def adalayer_update_foreach(
     copy_back_(params, ps)
 
 
+def adalayer_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    beta1: float,
+    eps: float,
+    v_weight: Tensor,
+    bias_correction2: Tensor,
+    decay: Tensor,
+    step_size: Tensor,
+) -> None:
+    """:func:`adalayer_update` as out-of-place math for ``torch.compile``: a block reduction
+    and one pass over ``p, g, m``. ``decay = 1 - lr wd``, ``step_size = lr / bias_correction1``;
+    a ``v_weight`` of 0 leaves ``v`` as it is."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        n = v.numel()
+        g = g.to(m.dtype)
+        m_new = torch.lerp(m, g, 1 - beta1)
+        m.copy_(m_new)
+        v_new = torch.lerp(v, g.reshape(n, -1).square().mean(1), v_weight)
+        v.copy_(v_new)
+        denom = (v_new / bias_correction2).sqrt() + eps
+        update = m_new.reshape(n, -1) / denom[:, None]
+        p.copy_((p.to(m.dtype).reshape(n, -1) * decay - step_size * update).reshape(p.shape))
+
+
 class Adalayer(BaseOptimizer):
     r"""Adalayer (Zhao et al. 2024, "Deconstructing What Makes a Good Optimizer for Language
     Models"): Adam's per-coordinate momentum with one second-moment scalar per block.
@@ -175,6 +204,10 @@ class Adalayer(BaseOptimizer):
     are refused with a ``RuntimeError`` naming the optimizer, at construction (or
     ``add_param_group``).
 
+    ``fused=True`` compiles the step (the block means of :math:`g^2`, then one pass over
+    :math:`p, g, m`), as :class:`~lm_opt.optim.lion.Lion` does (same requirements and
+    caveats); frozen Adalayer's lr = 0 steps stay eager, since they only touch the state.
+
     Args:
         params: Parameters or param-group dicts; any keyword below may be set per group.
         lr: Learning rate :math:`\eta`.
@@ -187,6 +220,7 @@ class Adalayer(BaseOptimizer):
         keep_adapting: In frozen mode, keep updating :math:`v` after step :math:`T`.
         foreach: Use the multi-tensor path; None turns it on when all parameters of a
             group share a device.
+        fused: Use the compiled step; ``None`` means False.
     """
 
     sharding_reason = "its block means of g^2 span whole blocks of the tensor"
@@ -203,6 +237,7 @@ class Adalayer(BaseOptimizer):
         freeze_after: int | None = None,
         keep_adapting: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -213,6 +248,7 @@ class Adalayer(BaseOptimizer):
             freeze_after=freeze_after,
             keep_adapting=keep_adapting,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -280,11 +316,24 @@ class Adalayer(BaseOptimizer):
             by_step.setdefault(int(state["step"].item()), []).append(p)
 
         foreach = use_foreach(group, params)
+        fused = group.get("fused") and fusable(params)
         for t, same_step in by_step.items():
             hparams = step_hparams(t, group)
             grads = [p.grad for p in same_step]
             exp_avgs = [self.state[p]["exp_avg"] for p in same_step]
             exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in same_step]
+            if fused and hparams["lr"] != 0.0:
+                v_weight, bias_correction2, decay, step_size = scalars(
+                    hparams["v_weight"],
+                    hparams["bias_correction2"],
+                    1 - hparams["lr"] * hparams["weight_decay"],
+                    hparams["lr"] / hparams["bias_correction1"],
+                )
+                compiled(adalayer_fused)(
+                    same_step, grads, exp_avgs, exp_avg_sqs, beta1=hparams["beta1"], eps=hparams["eps"],
+                    v_weight=v_weight, bias_correction2=bias_correction2, decay=decay, step_size=step_size,
+                )
+                continue
             if foreach:
                 adalayer_update_foreach(same_step, grads, exp_avgs, exp_avg_sqs, **hparams)
                 continue

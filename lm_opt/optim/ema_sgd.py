@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lm_opt.optim.lion import compiled, fusable, scalars
 from lm_opt.optim.state import (
     BaseOptimizer,
     check_args,
@@ -57,6 +58,23 @@ def ema_sgd_update_foreach(
     copy_back_(params, work)
 
 
+def ema_sgd_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    momentum: float,
+    decay: Tensor,
+    step_size: Tensor,
+) -> None:
+    """:func:`ema_sgd_update` as out-of-place math for ``torch.compile``; ``decay = 1 - lr wd``,
+    ``step_size = lr / bias_correction``."""
+    for p, g, m in zip(params, grads, exp_avgs):
+        m_new = torch.lerp(m, g.to(m.dtype), 1 - momentum)
+        m.copy_(m_new)
+        p.copy_(p.to(m.dtype) * decay - step_size * m_new)
+
+
 class EMASGD(BaseOptimizer):
     r"""SGD with Adam's bias-corrected EMA momentum, i.e. Adam with :math:`v` fixed at 1.
 
@@ -77,6 +95,9 @@ class EMASGD(BaseOptimizer):
     in float32 and cast back); float64 parameters keep float64 state. The update is
     elementwise, so sharded parameters (FSDP2 ``DTensor``) work as they are.
 
+    ``fused=True`` compiles the step into one pass over :math:`p, g, m`, as
+    :class:`~lm_opt.optim.lion.Lion` does (same requirements and caveats).
+
     Args:
         params: Parameters or parameter groups to optimize.
         lr: Learning rate :math:`\eta`.
@@ -84,6 +105,7 @@ class EMASGD(BaseOptimizer):
         weight_decay: Decoupled weight decay :math:`\lambda` (multiplied by the lr).
         foreach: Use the multi-tensor ``torch._foreach_*`` implementation. ``None``
             picks it when all tensors of a group are on one device.
+        fused: Use the compiled single-pass step; ``None`` means False.
     """
 
     def __init__(
@@ -94,9 +116,12 @@ class EMASGD(BaseOptimizer):
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_args(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused
+        )
         super().__init__(params, defaults)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -108,6 +133,7 @@ class EMASGD(BaseOptimizer):
             state["step"] = state.get("step", 0) + 1
             by_step.setdefault(state["step"], []).append(p)
         foreach = use_foreach(group, params)
+        fused = group.get("fused") and fusable(params)
         for t, same_step in by_step.items():
             hyper = dict(
                 lr=group["lr"],
@@ -117,7 +143,14 @@ class EMASGD(BaseOptimizer):
             )
             grads = [p.grad for p in same_step]
             exp_avgs = [self.state[p]["exp_avg"] for p in same_step]
-            if foreach:
+            if fused:
+                decay, step_size = scalars(
+                    1 - hyper["lr"] * hyper["weight_decay"], hyper["lr"] / hyper["bias_correction"]
+                )
+                compiled(ema_sgd_fused)(
+                    same_step, grads, exp_avgs, momentum=hyper["momentum"], decay=decay, step_size=step_size
+                )
+            elif foreach:
                 ema_sgd_update_foreach(same_step, grads, exp_avgs, **hyper)
             else:
                 for p, g, m in zip(same_step, grads, exp_avgs):

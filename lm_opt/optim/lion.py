@@ -1,6 +1,7 @@
 """Lion: the sign of an interpolated momentum (Chen et al. 2023)."""
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -62,6 +63,52 @@ def lion_update_foreach(
     copy_back_(params, work)
 
 
+def fusable(params: list[Tensor]) -> bool:
+    """Whether the compiled (``fused``) step can take ``params``: plain dense tensors on one device.
+
+    Tensor subclasses (FSDP2's ``DTensor``) keep the eager path.
+    """
+    return len({p.device for p in params}) == 1 and all(
+        type(p) in (Tensor, torch.nn.Parameter) and type(p.grad) is Tensor for p in params
+    )
+
+
+@functools.cache
+def compiled(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` under ``torch.compile``, built on first use so that importing costs nothing.
+
+    Inductor turns the per-tensor loop of ``fn`` into one pass over each tensor's memory.
+    Each param group's list of shapes is compiled for as it is (``dynamic=False``:
+    kernels generic in the sizes run slower); past dynamo's limit of 8 variants ``fn``
+    runs eagerly, which computes the same thing. The per-step scalars are passed as 0-d
+    tensors so that a schedule does not recompile.
+    """
+    return torch.compile(fn, dynamic=False)
+
+
+def scalars(*values: float) -> list[Tensor]:
+    """0-d float64 CPU tensors: inputs that a compiled step reads at run time, not constants."""
+    return [torch.tensor(v, dtype=torch.float64) for v in values]
+
+
+def lion_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    decay: Tensor,
+) -> None:
+    """:func:`lion_update` as out-of-place math, for ``torch.compile`` to fuse; ``decay = 1 - lr wd``."""
+    for p, g, m in zip(params, grads, exp_avgs):
+        g = g.to(m.dtype)
+        update = torch.lerp(m, g, 1 - beta1).sign()
+        m.copy_(torch.lerp(m, g, 1 - beta2))
+        p.copy_(p.to(m.dtype) * decay - lr * update)
+
+
 class Lion(BaseOptimizer):
     r"""Lion (EvoLved Sign Momentum), with decoupled weight decay.
 
@@ -86,6 +133,15 @@ class Lion(BaseOptimizer):
     cast back); float64 parameters keep float64 state. The update is elementwise,
     so sharded parameters (FSDP2 ``DTensor``) work as they are.
 
+    ``fused=True`` runs the step through ``torch.compile``: one pass that reads
+    :math:`p, g, m` and writes :math:`p, m`, where the eager kernels make four passes
+    (on a CPU about half the time of ``torch.optim.AdamW(fused=True)``). It needs
+    inductor's toolchain (a C++ compiler on CPU, Triton on CUDA), costs seconds of
+    compilation on the first step (and once more for each new set of shapes), and
+    agrees with the eager path up to rounding (compiled code may contract multiplies
+    and adds). Groups with tensor subclasses (``DTensor``) or on several devices
+    take the eager path.
+
     Args:
         params: Parameters or parameter groups to optimize.
         lr: Learning rate :math:`\eta`.
@@ -94,6 +150,7 @@ class Lion(BaseOptimizer):
         weight_decay: Decoupled weight decay :math:`\lambda` (multiplied by the lr).
         foreach: Use the multi-tensor ``torch._foreach_*`` implementation. ``None``
             picks it when all tensors of a group are dense and on one device.
+        fused: Use the compiled single-pass step (see above); ``None`` means False.
     """
 
     def __init__(
@@ -104,16 +161,24 @@ class Lion(BaseOptimizer):
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_args(lr=lr, betas=betas, weight_decay=weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=foreach, fused=fused
+        )
         super().__init__(params, defaults)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         grads = [p.grad for p in params]
         exp_avgs = zeros_state(self, params, "exp_avg")
         beta1, beta2 = group["betas"]
-        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if group.get("fused") and fusable(params):
+            lr_t, decay = scalars(lr, 1 - lr * weight_decay)
+            compiled(lion_fused)(params, grads, exp_avgs, lr=lr_t, beta1=beta1, beta2=beta2, decay=decay)
+            return
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
         if use_foreach(group, params):
             lion_update_foreach(params, grads, exp_avgs, **hyper)
         else:

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lm_opt.optim.lion import compiled, fusable, scalars
 from lm_opt.optim.state import (
     BaseOptimizer,
     check_args,
@@ -55,6 +56,22 @@ def signum_update_foreach(
     copy_back_(params, work)
 
 
+def signum_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: Tensor,
+    momentum: float,
+    decay: Tensor,
+) -> None:
+    """:func:`signum_update` as out-of-place math, for ``torch.compile`` to fuse; ``decay = 1 - lr wd``."""
+    for p, g, m in zip(params, grads, exp_avgs):
+        m_new = torch.lerp(m, g.to(m.dtype), 1 - momentum)
+        m.copy_(m_new)
+        p.copy_(p.to(m.dtype) * decay - lr * m_new.sign())
+
+
 class Signum(BaseOptimizer):
     r"""Signum: sign descent on an EMA momentum, with decoupled weight decay.
 
@@ -78,6 +95,9 @@ class Signum(BaseOptimizer):
     cast back); float64 parameters keep float64 state. The update is elementwise,
     so sharded parameters (FSDP2 ``DTensor``) work as they are.
 
+    ``fused=True`` compiles the step into one pass over :math:`p, g, m`, as
+    :class:`~lm_opt.optim.lion.Lion` does (same requirements and caveats).
+
     Args:
         params: Parameters or parameter groups to optimize.
         lr: Learning rate :math:`\eta`.
@@ -85,6 +105,7 @@ class Signum(BaseOptimizer):
         weight_decay: Decoupled weight decay :math:`\lambda` (multiplied by the lr).
         foreach: Use the multi-tensor ``torch._foreach_*`` implementation. ``None``
             picks it when all tensors of a group are dense and on one device.
+        fused: Use the compiled single-pass step; ``None`` means False.
     """
 
     def __init__(
@@ -95,15 +116,23 @@ class Signum(BaseOptimizer):
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_args(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused
+        )
         super().__init__(params, defaults)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         grads = [p.grad for p in params]
         exp_avgs = zeros_state(self, params, "exp_avg")
-        hyper = dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        if group.get("fused") and fusable(params):
+            lr_t, decay = scalars(lr, 1 - lr * weight_decay)
+            compiled(signum_fused)(params, grads, exp_avgs, lr=lr_t, momentum=momentum, decay=decay)
+            return
+        hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         if use_foreach(group, params):
             signum_update_foreach(params, grads, exp_avgs, **hyper)
         else:
