@@ -1,4 +1,4 @@
-"""Two CPU processes under Lightning DDP (gloo) against one process on the same data."""
+"""Two CPU processes (gloo) under DDP and under FSDP2 against one process on the same data."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import scalars, summary, tiny_args
+from cli_helpers import scalars, stop_at, summary, tiny_args
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -46,6 +46,30 @@ def test_ddp_routed_training_matches_one_process_accumulating_the_same_batches(t
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+FSDP2 = ("--trainer.strategy.class_path", "lm_opt.parallel.FSDP2Strategy", "--trainer.devices", "2",
+         "--trainer.accelerator", "cpu")
+
+
+def test_fsdp2_training_matches_one_process_and_resumes_exactly(tmp_path):
+    """The DDP comparison above, sharded; then a run stopped at step 2 and resumed from its
+    checkpoint (gathered into one file) ends where the uninterrupted one does."""
+    run(*tiny_args(tmp_path, "fsdp", 4, *FSDP2))
+    run(*tiny_args(tmp_path, "single", 4, "--data.num_workers", "2", "--trainer.accumulate_grad_batches", "2",
+                   "--trainer.val_check_interval", "8"))
+    run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, *stop_at(2)))
+    run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, "--ckpt_path", "last"))
+    fsdp, single, resumed = (summary(tmp_path / n) for n in ("fsdp", "single", "resumed"))
+    assert fsdp["status"] == single["status"] == resumed["status"] == "finished"
+    assert fsdp["tokens"] == single["tokens"] == 4 * 2 * 4 * 32
+    assert fsdp["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-5)
+    assert resumed["final_val_loss"] == pytest.approx(fsdp["final_val_loss"], rel=1e-6)
+    a, b, c = weights(tmp_path / "fsdp"), weights(tmp_path / "single"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(c[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
     run(*tiny_args(tmp_path, "train", 2))
     ckpt = str(tmp_path / "train" / "checkpoints" / "last.ckpt")
@@ -62,25 +86,33 @@ def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
 OPTIM_CONFIGS = sorted((ROOT / "configs" / "optim").glob("*.yaml"))
 
 
-def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 3) -> dict[str, torch.Tensor]:
+def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 3,
+                 sharded: bool = False) -> dict[str, torch.Tensor]:
     """A few steps of the tiny model with the config's optimizer on a global batch of two halves.
 
     Under DDP rank r computes the gradient of half r and DDP averages them: g0/2 + g1/2. Alone,
     the process accumulates the two halves with their losses halved: the same sums, in the same
-    order, so the results must agree to the bit, whatever the optimizer does with them.
+    order, so the results must agree to the bit, whatever the optimizer does with them. Under
+    FSDP2 (`sharded`) each rank updates its dim-0 shard of every parameter and returns the
+    gathered full tensors.
     """
     import yaml
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
     from lm_opt.callbacks.optimizer import OptimizerCallback
     from lm_opt.model import GPT, ModelConfig, lm_loss
+    from lm_opt.parallel import shard
 
     torch.set_num_threads(1)  # the same kernels, so the same rounding, in every process
     init_args = yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"]
     torch.manual_seed(0)
-    model = GPT(ModelConfig.from_name("tiny", n_layer=1))
+    model = GPT(ModelConfig.from_name("tiny", n_layer=2))
+    if sharded:
+        forward = shard(model, init_device_mesh("cpu", (world_size,)))
+    else:
+        forward = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = OptimizerCallback(**init_args).build(model)
-    forward = DistributedDataParallel(model) if world_size > 1 else model
     halves = [rank] if world_size > 1 else [0, 1]
     for step in range(steps):
         tokens = torch.randint(0, 2000, (4, 17), generator=torch.Generator().manual_seed(step))
@@ -91,7 +123,8 @@ def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 
             ((ce + z) / len(halves)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    full = (p.full_tensor() if sharded else p for p in model.parameters())
+    return {n: p.detach().clone() for (n, _), p in zip(model.named_parameters(), full)}
 
 
 def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -110,3 +143,37 @@ def test_every_optimizer_gives_the_same_result_under_ddp_as_on_one_process(tmp_p
         distributed = torch.load(tmp_path / f"{config.stem}.pt")
         for name, value in single.items():
             assert torch.equal(distributed[name], value), f"{config.stem}: {name} differs under DDP"
+
+
+def elementwise(config: Path) -> bool:
+    """Whether every route of an optimizer config updates shards exactly (no whole-tensor statistics)."""
+    import yaml
+
+    from lm_opt.callbacks.optimizer import OptimizerCallback, sharding_obstacle
+
+    callback = OptimizerCallback(**yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"])
+    return not any(sharding_obstacle(cls) for cls in callback.classes)
+
+
+ELEMENTWISE_CONFIGS = [c for c in OPTIM_CONFIGS if elementwise(c)]
+
+
+def fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    for config in ELEMENTWISE_CONFIGS:
+        params = train_routed(config, rank, world_size=2, sharded=True)
+        if rank == 0:
+            torch.save(params, Path(out_dir) / f"{config.stem}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_every_elementwise_optimizer_gives_the_same_result_under_fsdp2_as_on_one_process(tmp_path):
+    """Sharded updates of the same averaged gradients: equal up to float32 reduction order."""
+    assert {c.stem for c in ELEMENTWISE_CONFIGS} >= {"adamw", "lion", "signum", "sgd", "schedule_free"}
+    torch.multiprocessing.spawn(fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for config in ELEMENTWISE_CONFIGS:
+        single = train_routed(config)
+        sharded = torch.load(tmp_path / f"{config.stem}.pt")
+        for name, value in single.items():
+            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{config.stem}: {name} differs under FSDP2: {m}")

@@ -10,3 +10,11 @@ def test_tokens_seen_are_logged_at_the_logging_steps_beside_the_loss(tmp_path):
     loss_steps = set(scalars(tmp_path / "run", "train/loss"))
     assert scalars(tmp_path / "run", "train/tokens") == {1: 2 * tokens_per_step, 3: 4 * tokens_per_step}
     assert loss_steps == {1, 3}
+
+
+def test_fused_adamw_trains_under_bf16_mixed_with_gradient_clipping(tmp_path):
+    """Lightning refuses to clip for a fused optimizer under mixed precision (fp16's scaler);
+    the study configs run fused AdamW under bf16-mixed with clipping at 1."""
+    fit(*tiny_args(tmp_path, "run", 2, "--config", "configs/optim/adamw.yaml", "--trainer.precision", "bf16-mixed",
+                   "--trainer.gradient_clip_val", "1.0"))
+    assert summary(tmp_path / "run")["status"] == "finished"

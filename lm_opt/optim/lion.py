@@ -1,7 +1,6 @@
 """Lion: the sign of an interpolated momentum (Chen et al. 2023)."""
 
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -10,7 +9,10 @@ from torch import Tensor
 from lm_opt.optim.state import (
     BaseOptimizer,
     check_args,
+    compiled,
     copy_back_,
+    fusable,
+    scalars,
     use_foreach,
     zeros_state,
 )
@@ -61,34 +63,6 @@ def lion_update_foreach(
         torch._foreach_mul_(work, 1 - lr * weight_decay)
     torch._foreach_add_(work, updates, alpha=-lr)
     copy_back_(params, work)
-
-
-def fusable(params: list[Tensor]) -> bool:
-    """Whether the compiled (``fused``) step can take ``params``: plain dense tensors on one device.
-
-    Tensor subclasses (FSDP2's ``DTensor``) keep the eager path.
-    """
-    return len({p.device for p in params}) == 1 and all(
-        type(p) in (Tensor, torch.nn.Parameter) and type(p.grad) is Tensor for p in params
-    )
-
-
-@functools.cache
-def compiled(fn: Callable[..., None]) -> Callable[..., None]:
-    """``fn`` under ``torch.compile``, built on first use so that importing costs nothing.
-
-    Inductor turns the per-tensor loop of ``fn`` into one pass over each tensor's memory.
-    Each param group's list of shapes is compiled for as it is (``dynamic=False``:
-    kernels generic in the sizes run slower); past dynamo's limit of 8 variants ``fn``
-    runs eagerly, which computes the same thing. The per-step scalars are passed as 0-d
-    tensors so that a schedule does not recompile.
-    """
-    return torch.compile(fn, dynamic=False)
-
-
-def scalars(*values: float) -> list[Tensor]:
-    """0-d float64 CPU tensors: inputs that a compiled step reads at run time, not constants."""
-    return [torch.tensor(v, dtype=torch.float64) for v in values]
 
 
 def lion_fused(

@@ -6,11 +6,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lm_opt.optim.lion import compiled, fusable, scalars
 from lm_opt.optim.state import (
     BaseOptimizer,
     check_args,
+    compiled,
     copy_back_,
+    fusable,
+    scalars,
     use_foreach,
     zeros_state,
 )

@@ -2,10 +2,11 @@
 
 Their base class (the closure, the walk over the parameters that have a gradient, and a
 `load_state_dict` that keeps float32 state for bf16/fp16 parameters), the argument
-checks of the AdamW-shaped constructors, the foreach choice, and the refusal of sharded
+checks of the AdamW-shaped constructors, the foreach choice, the compiled (`fused`) step, and the refusal of sharded
 (`DTensor`) parameters by optimizers that need whole-tensor statistics.
 """
 
+import functools
 import sys
 from collections.abc import Callable
 from itertools import chain
@@ -91,6 +92,34 @@ def copy_back_(params: list[Tensor], work: list[Tensor]) -> None:
     cast = [(p, w) for p, w in zip(params, work) if w is not p]
     if cast:
         torch._foreach_copy_([p for p, _ in cast], [w for _, w in cast])
+
+
+def fusable(params: list[Tensor]) -> bool:
+    """Whether the compiled (``fused``) step can take ``params``: plain dense tensors on one device.
+
+    Tensor subclasses (FSDP2's ``DTensor``) keep the eager path.
+    """
+    return len({p.device for p in params}) == 1 and all(
+        type(p) in (Tensor, torch.nn.Parameter) and type(p.grad) is Tensor for p in params
+    )
+
+
+@functools.cache
+def compiled(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` under ``torch.compile``, built on first use so that importing costs nothing.
+
+    Inductor turns the per-tensor loop of ``fn`` into one pass over each tensor's memory.
+    Each param group's list of shapes is compiled for as it is (``dynamic=False``:
+    kernels generic in the sizes run slower); past dynamo's limit of 8 variants ``fn``
+    runs eagerly, which computes the same thing. The per-step scalars are passed as 0-d
+    tensors so that a schedule does not recompile.
+    """
+    return torch.compile(fn, dynamic=False)
+
+
+def scalars(*values: float) -> list[Tensor]:
+    """0-d float64 CPU tensors: inputs that a compiled step reads at run time, not constants."""
+    return [torch.tensor(v, dtype=torch.float64) for v in values]
 
 
 def group_of(optimizer: Optimizer, param: Tensor) -> dict[str, Any]:
