@@ -128,14 +128,16 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
 
 
 def features(shape: Shape, batch_size: int) -> np.ndarray:
-    """Block matrices (12 d^2 a block at MLP ratio 4) and output layer (autocast's bf16 copies of them live until backward uses
-    them); then tokens times n_layer * d (saved per block), d (embedding, final norm) and the
-    padded vocabulary (logits in bf16 and float32, their gradients). Attention adds no term in
-    seq_len: the flash kernels on GPU and CPU keep O(T) per head, not the T x T scores."""
+    """Block matrices (12 d^2 a block at MLP ratio 4) and the output layer: autocast's bf16 copies
+    of them live until backward uses them. Then tokens times n_layer * d (saved per block), d
+    (embedding, final norm) and the padded vocabulary (logits in bf16 and float32, their
+    gradients). Attention adds no term in seq_len: the flash kernels on GPU and CPU keep O(T) per
+    head, not the T x T scores."""
     c = shape.config()
     tokens = batch_size * shape.seq_len
     return np.array([12 * c.n_layer * c.n_embd**2, c.padded_vocab_size * c.n_embd,
-                     tokens * c.n_layer * c.n_embd, tokens * c.n_embd, tokens * c.padded_vocab_size], dtype=np.float64)
+                     tokens * c.n_layer * c.n_embd, tokens * c.n_embd, tokens * c.padded_vocab_size],
+                    dtype=np.float64)
 
 
 def fit() -> tuple[dict[bool, np.ndarray], float]:
