@@ -1,7 +1,7 @@
 """Peak GPU memory of a training step per preset and micro-batch, measured on CPU and extrapolated.
 
 One training step is forward + loss + backward under bf16 autocast (the GPU's bf16-mixed), then an
-AdamW step (foreach, as on CUDA). MemTracker (a TorchDispatchMode) counts every tensor's bytes at
+AdamW step (foreach: its temporary bounds the fused step). MemTracker (a TorchDispatchMode) counts every tensor's bytes at
 the peak, on real small models on CPU. Parameters, gradients and the two AdamW states are known
 exactly (16 bytes a parameter); the rest, activations and temporaries, is fitted linearly in
 `features` over small measured shapes, checked on a held-out shape, and cross-checked at each
@@ -161,7 +161,7 @@ def fit() -> tuple[dict[bool, np.ndarray], float]:
 # 51 bytes a token per unit of width; with it, its float32 input (4 bytes): the bf16 copies of
 # the block matrices are then dropped after forward and recomputed one block at a time.
 COEFFICIENTS = {False: np.array([2.0, 2.0, 50.67, 5.50, 20.02]), True: np.array([0.0, 2.0, 4.03, 6.10, 20.01])}
-ADAMW_TEMP = 4.0  # bytes a parameter: the foreach step's float32 temporary (sqrt of exp_avg_sq)
+ADAMW_TEMP = 4.0  # bytes a parameter: the foreach step's float32 temporary; fused=True has none
 
 
 def activation_bytes(shape: Shape, batch_size: int, checkpointing: bool, bf16_params: bool = False) -> float:
