@@ -1,13 +1,14 @@
 """Peak GPU memory of a training step per preset and micro-batch, measured on CPU and extrapolated.
 
 One training step is forward + loss + backward under bf16 autocast (the GPU's bf16-mixed), then an
-AdamW step (foreach: its temporary bounds the fused step). MemTracker (a TorchDispatchMode) counts every tensor's bytes at
-the peak, on real small models on CPU. Parameters, gradients and the two AdamW states are known
-exactly (16 bytes a parameter); the rest, activations and temporaries, is fitted linearly in
-`features` over small measured shapes, checked on a held-out shape, and cross-checked at each
-preset's full shape by tracing the same step under FakeTensorMode (shapes only, no memory).
-The model runs eagerly: torch.compile (the presets' default) fuses some of the float32 logits
-away, so this bounds a compiled run from above. It has not been checked against a GPU.
+AdamW step (foreach: its temporary bounds the configs' fused step). MemTracker (a TorchDispatchMode)
+counts every tensor's bytes at the peak, on real small models on CPU. Parameters, gradients and
+the two AdamW states are known exactly (16 bytes a parameter); the rest, activations and
+temporaries, is fitted linearly in `features` over small measured shapes, checked on a held-out
+shape, and cross-checked at each preset's full shape by tracing the same step under
+FakeTensorMode (shapes only, no memory). The model runs eagerly: torch.compile (the presets'
+default) fuses some of the float32 logits away, so this bounds a compiled run from above. It has
+not been checked against a GPU.
 
     python -m benchmarks.memory            # fit, checks, the shipped configs' table, the choice
     python -m benchmarks.memory --no-fit   # the tables only, from the stored fit (seconds)
