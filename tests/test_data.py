@@ -183,7 +183,7 @@ def test_resume_continues_exactly_where_the_leftover_spans_an_epoch_boundary(cor
     uninterrupted = list(islice(stream(), 400))
     positions = [b[STATE_KEY]["state"] for b in uninterrupted]
     first_in_epoch1 = next(i for i, p in enumerate(positions) if p["epoch"] == 1)
-    assert positions[first_in_epoch1]["skip"] > 0, "no batch has its leftover in epoch 1 and its start in 0"
+    assert positions[first_in_epoch1]["skip"] > 0, "no batch spans the epoch boundary"
     for head in (first_in_epoch1 - 1, first_in_epoch1, first_in_epoch1 + 1):
         resumed = stream({0: positions[head - 1]})
         for expected in uninterrupted[head: head + 6]:
@@ -197,6 +197,7 @@ def test_a_batch_carries_a_small_position_not_its_leftover_tokens(corpus):
         assert len(pickle.dumps(batch[STATE_KEY])) < 1000  # behind them are ~200 to ~1100 leftover ints
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_dataloader_workers_tokenize_on_several_threads(tmp_path, monkeypatch):
     """tokenizers turns its threads off in a process forked after its parent encoded on several
     (conftest turns them off for the tests; here they are on). The main process must not encode
@@ -219,20 +220,20 @@ def test_dataloader_workers_tokenize_on_several_threads(tmp_path, monkeypatch):
     assert all(after > before for before, after in first_call.values()), first_call
 
 
-@pytest.mark.parametrize("world_size,num_workers,fix", [(1, 3, "data.num_workers: 2"), (3, 2, "device count")])
+@pytest.mark.parametrize("world_size,num_workers,fix", [(1, 3, "data.num_workers: 2"), (3, 2, "device count"),
+                                                       (2, 2, None)])
 def test_shards_that_do_not_divide_over_ranks_and_workers_are_named(corpus, caplog, world_size, num_workers, fix):
     _, ds = corpus
     stream = PackedStream(ds["train"], IntTokenizer(), seq_len=7, batch_size=2, rank=0, world_size=world_size)
     with caplog.at_level(logging.WARNING, logger="lm_opt"):
         ResumableLoader(stream, num_workers=num_workers)
-    (message,) = [r.getMessage() for r in caplog.records]
-    assert f"4 train shards do not divide over {world_size} ranks x {num_workers} workers" in message
-    assert fix in message
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lm_opt"):
-        ResumableLoader(stream if world_size == 1 else PackedStream(ds["train"], IntTokenizer(), 7, 2, 0, 2),
-                        num_workers=2)
-    assert not caplog.records
+    messages = [r.getMessage() for r in caplog.records]
+    if fix is None:  # 4 shards over 2 ranks x 2 workers
+        assert not messages
+    else:
+        (message,) = messages
+        assert f"4 train shards do not divide over {world_size} ranks x {num_workers} workers" in message
+        assert fix in message
 
 
 def test_validation_windows_are_fixed_and_complete(corpus):
