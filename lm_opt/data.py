@@ -4,11 +4,16 @@ Documents are tokenized in batches, joined with EOS and cut into windows of `seq
 tokens (inputs and shifted targets) with no padding: a document that crosses a window
 boundary continues in the next window, so no token is lost or repeated. Each DDP rank and
 DataLoader worker reads a disjoint part of the stream, and the position of every part is
-saved in the checkpoint, so a resumed run continues with the next unseen window.
+saved in the checkpoint, so a resumed run continues with the next unseen window. A position
+names a document batch and a token count, not the leftover tokens themselves: batches carry a
+few integers and a small dataset state through the loader, and resuming re-reads at most one
+batch of documents.
 """
 
 import json
 import logging
+import multiprocessing
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,10 +37,21 @@ STATE_KEY = "stream_state"
 
 
 class Packer:
-    """A token buffer that emits fixed windows; what is left over is its whole state."""
+    """A token buffer that emits fixed windows.
 
-    def __init__(self, carry: list[int] | None = None):
-        self.buffer = np.asarray(carry or [], dtype=np.int64)
+    It counts the tokens it has emitted (popped, or skipped on resume), so a position in the
+    token stream is a number rather than the buffered tokens.
+    """
+
+    def __init__(self, skip: int = 0):
+        self.buffer = np.empty(0, dtype=np.int64)
+        self.emitted = 0
+        self.to_skip = skip
+
+    @property
+    def read(self) -> int:
+        """Tokens added so far, skipped ones included."""
+        return self.emitted + len(self.buffer)
 
     def add(self, token_lists: list[list[int]], eos_id: int) -> None:
         pieces = [self.buffer]
@@ -43,6 +59,8 @@ class Packer:
             pieces.append(np.asarray(tokens, dtype=np.int64))
             pieces.append(np.asarray([eos_id], dtype=np.int64))
         self.buffer = np.concatenate(pieces)
+        skip = min(self.to_skip, len(self.buffer))
+        self.buffer, self.to_skip, self.emitted = self.buffer[skip:], self.to_skip - skip, self.emitted + skip
 
     def pop(self, n_windows: int, window: int) -> np.ndarray | None:
         """The next `n_windows` windows of `window` tokens as an (n_windows, window) array, or None."""
@@ -50,10 +68,28 @@ class Packer:
         if len(self.buffer) < need:
             return None
         out, self.buffer = self.buffer[:need].reshape(n_windows, window), self.buffer[need:]
+        self.emitted += need
         return out
 
-    def carry(self) -> list[int]:
-        return self.buffer.tolist()
+
+class DocumentMarks:
+    """Where the buffered tokens came from: for each document batch still (partly) in a Packer,
+    its epoch, the dataset state just before it (None at the start of an epoch) and the index
+    of its first token in the stream."""
+
+    def __init__(self):
+        self.marks: deque[tuple[int, dict | None, int]] = deque()
+
+    def add(self, epoch: int, docs_state: dict | None, first_token: int) -> None:
+        self.marks.append((epoch, docs_state, first_token))
+
+    def position(self, next_token: int) -> dict:
+        """Where re-reading resumes the stream at `next_token`: the last document batch that
+        starts at or before it, and how many of that batch's tokens to skip."""
+        while len(self.marks) > 1 and self.marks[1][2] <= next_token:
+            self.marks.popleft()
+        epoch, docs_state, first_token = self.marks[0]
+        return {"epoch": epoch, "docs": docs_state, "skip": next_token - first_token}
 
 
 def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -66,7 +102,8 @@ class PackedStream(IterableDataset):
     Yields `{"input_ids": int32 (batch_size, seq_len + 1), "stream_state": ...}`. The DataLoader
     workers split the rank's share again, each reading every `num_parts`-th part of the
     stream (`split_dataset_by_node` over rank x worker), and tag each batch with the position
-    of their part after it, so the loader can save exactly what has been consumed.
+    of their part after it (`DocumentMarks.position`), so the loader can save exactly what has
+    been consumed.
     """
 
     def __init__(self, docs: HFIterableDataset, tokenizer, seq_len: int, batch_size: int, rank: int,
@@ -82,26 +119,26 @@ class PackedStream(IterableDataset):
         """Endless batches from part `part` of `num_parts` of this rank's documents."""
         docs = split_dataset_by_node(self.docs, rank=self.rank * num_parts + part,
                                      world_size=self.world_size * num_parts)
-        state = self.part_states.get(part)
-        epoch = state["epoch"] if state else 0
-        packer = Packer(state["carry"] if state else None)
-        if state:
-            docs.load_state_dict(state["docs"])
+        start = self.part_states.get(part, {"epoch": 0, "docs": None, "skip": 0})
+        if start["docs"] is not None:
+            docs.load_state_dict(start["docs"])
+        packer, marks = Packer(skip=start["skip"]), DocumentMarks()
+        epoch, before = start["epoch"], start["docs"]
         eos = self.tokenizer.eos_token_id
-        resumed = state is not None
         while True:
             docs.set_epoch(epoch)
             empty = True
             for batch in docs.iter(batch_size=self.tokenize_batch):
                 empty = False
+                marks.add(epoch, before, packer.read)
                 packer.add(tokenize(self.tokenizer, batch["text"]), eos)
+                before = docs.state_dict()
                 while (windows := packer.pop(self.batch_size, self.seq_len + 1)) is not None:
-                    part_state = {"docs": docs.state_dict(), "carry": packer.carry(), "epoch": epoch}
                     yield {"input_ids": torch.from_numpy(windows.astype(np.int32)),
-                           STATE_KEY: {"part": part, "state": part_state}}
-            if empty and not resumed:  # a resumed epoch may have had nothing left to read
+                           STATE_KEY: {"part": part, "state": marks.position(packer.emitted)}}
+            if empty:  # a resumed epoch holds at least the batch its position names
                 raise RuntimeError(f"data part {part} of rank {self.rank} holds no documents")
-            epoch, resumed = epoch + 1, False
+            epoch, before = epoch + 1, None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -119,6 +156,7 @@ class ResumableLoader(DataLoader):
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                          prefetch_factor=4 if num_workers else None)
         self.stream = stream
+        warn_if_shards_do_not_divide(stream.docs.n_shards, stream.world_size, num_workers)
 
     def commit(self, stream_state: dict) -> None:
         """Record that the batch tagged with `stream_state` has been trained on."""
@@ -146,8 +184,26 @@ class ResumableLoader(DataLoader):
         if local["num_workers"] != self.num_workers:
             raise UserError(f"checkpoint data position is for data.num_workers={local['num_workers']}, "
                             f"this run has {self.num_workers}: resume with the same value")
+        if any("skip" not in v for v in local["part_states"].values()):
+            raise UserError("checkpoint data position holds leftover tokens (saved before positions became "
+                            "document batch + token count): resume it with the lm_opt that wrote it")
         self.stream.part_states = {int(k): v for k, v in local["part_states"].items()}
         self.stream.first_part = local["first_part"]
+
+
+def warn_if_shards_do_not_divide(n_shards: int, world_size: int, num_workers: int) -> None:
+    """Warn when the shards do not divide over ranks x workers: `split_dataset_by_node` then
+    has every part read all the shards and keep every `parts`-th document, so each part
+    decompresses and parses the whole dataset (C4's 1024 train shards need a power of two)."""
+    workers = max(num_workers, 1)
+    if n_shards % (world_size * workers) == 0:
+        return
+    fits = [w for w in range(workers, 0, -1) if n_shards % (world_size * w) == 0]
+    fix = (f"set data.num_workers: {fits[0]}" if fits else
+           f"no worker count fixes this on {world_size} ranks: use a device count that divides {n_shards}")
+    log.warning("data: %d train shards do not divide over %d ranks x %d workers = %d parts, so every part "
+                "reads all %d shards and skips the other parts' documents; %s",
+                n_shards, world_size, workers, world_size * workers, n_shards, fix)
 
 
 def validation_windows(docs: HFIterableDataset, tokenizer, seq_len: int, n_windows: int) -> torch.Tensor:
@@ -162,6 +218,11 @@ def validation_windows(docs: HFIterableDataset, tokenizer, seq_len: int, n_windo
         raise UserError(f"the validation split holds fewer than data.val_sequences={n_windows} windows "
                         f"of {seq_len + 1} tokens; lower data.val_sequences")
     return torch.from_numpy(windows.astype(np.int32))
+
+
+def validation_array(docs: HFIterableDataset, tokenizer, seq_len: int, n_windows: int) -> np.ndarray:
+    """`validation_windows` as a numpy array, which a child process returns by plain pickling."""
+    return validation_windows(docs, tokenizer, seq_len, n_windows).numpy()
 
 
 def local_data_files(path: str) -> dict[str, list[str]]:
@@ -281,8 +342,12 @@ class C4DataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         log.info("data: %s, tokenizer: %s (%d tokens, eos=%d)", self.hparams.path,
                  self.hparams.tokenizer, len(self.tokenizer), self.tokenizer.eos_token_id)
-        windows = validation_windows(self.docs["validation"], self.tokenizer, self.hparams.seq_len,
-                                     self.hparams.val_sequences)
+        # Once a fast tokenizer has encoded on several threads, tokenizers turns its threads off
+        # in every process forked afterwards, and the DataLoader workers are forked later: this
+        # process must not encode, so a child encodes the validation windows.
+        with multiprocessing.Pool(1) as pool:
+            windows = torch.from_numpy(pool.apply(validation_array, (
+                self.docs["validation"], self.tokenizer, self.hparams.seq_len, self.hparams.val_sequences)))
         self.val_windows = windows[rank::world]
         self.stream = PackedStream(self.docs["train"], self.tokenizer, self.hparams.seq_len,
                                    self.hparams.batch_size, rank, world, self.hparams.tokenize_batch)
