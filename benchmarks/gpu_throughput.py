@@ -119,9 +119,9 @@ def run(preset: str, optimizer: str, args: argparse.Namespace) -> dict[str, floa
     peak = get_available_flops(device, torch.bfloat16 if "bf16" in args.precision else torch.float32)
     mfu = module.model.flops_per_token(args.seq_len) * tokens_per_s / peak if peak else float("nan")
     memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return {"tokens/s": tokens_per_s, "MFU": mfu, "peak GiB": memory, "step ms": 1e3 * step_s,
-            "fwd+bwd ms": 1e3 * statistics.median(times["forward_backward"]),
-            "optimizer ms": 1e3 * statistics.median(times["optimizer"])}
+    return {"tokens/s": tokens_per_s, "MFU": mfu, "peak_GiB": memory, "step_ms": 1e3 * step_s,
+            "fwd_bwd_ms": 1e3 * statistics.median(times["forward_backward"]),
+            "optimizer_ms": 1e3 * statistics.median(times["optimizer"])}
 
 
 def main() -> None:
@@ -147,7 +147,7 @@ def main() -> None:
     columns = list(next(iter(rows.values())))
     print(f"{'optimizer':10}" + "".join(f"{c:>14}" for c in columns))
     for opt, row in rows.items():
-        cells = (f"{row[c]:14,.0f}" if c == "tokens/s" else f"{row[c]:14.3f}" if c in ("MFU", "peak GiB")
+        cells = (f"{row[c]:14,.0f}" if c == "tokens/s" else f"{row[c]:14.3f}" if c in ("MFU", "peak_GiB")
                  else f"{row[c]:14.1f}" for c in columns)
         print(f"{opt:10}" + "".join(cells))
 

@@ -215,6 +215,8 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", r"\s*(skip_none parameter|``instantiate_classes``|"
                             r"``ArgumentParser.add_instantiator``) was deprecated", DeprecationWarning)
     warnings.filterwarnings("ignore", r"\s*By default only one JsonargparseDeprecationWarning", DeprecationWarning)
+    # val/loss comes from a torchmetrics MeanMetric, which reduces its sums across ranks itself.
+    warnings.filterwarnings("ignore", r"It is recommended to use `self.log\('val/(loss|ppl)', ..., sync_dist=True\)`")
 
 
 def main(args: list[str] | None = None) -> None:

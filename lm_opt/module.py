@@ -67,6 +67,9 @@ class LMModule(L.LightningModule):
         self.tokens_logged_at = 0
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            # TF32 for the float32 matmuls left under bf16 autocast: SOAP's and Shampoo's projections.
+            torch.set_float32_matmul_precision("high")
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
         if tokenizer is not None and len(tokenizer) > self.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
