@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from lm_opt.callbacks import OptimizerCallback, TokenThroughput
 from lm_opt.callbacks.divergence import DivergenceStop
-from lm_opt.model import lm_loss
+from lm_opt.model import ModelConfig, lm_loss
 from lm_opt.module import LMModule
 from lm_opt.schedule import lr_factor
 
@@ -79,8 +79,10 @@ def bare_steps_per_s(batches, steps, skip) -> float:
 
 
 def random_batches(n: int, batch_size: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """Token ids drawn from the tiny preset's vocabulary."""
+    vocab = ModelConfig.from_name("tiny").vocab_size
     gen = torch.Generator().manual_seed(0)
-    return [{"input_ids": torch.randint(0, 32100, (batch_size, seq_len + 1), generator=gen, dtype=torch.int32)}
+    return [{"input_ids": torch.randint(0, vocab, (batch_size, seq_len + 1), generator=gen, dtype=torch.int32)}
             for _ in range(n)]
 
 

@@ -46,8 +46,9 @@ def test_ddp_routed_training_matches_one_process_accumulating_the_same_batches(t
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-FSDP2 = ("--trainer.strategy.class_path", "lm_opt.parallel.FSDP2Strategy", "--trainer.devices", "2",
-         "--trainer.accelerator", "cpu")
+# configs/fsdp.yaml itself, on 2 CPU processes, with the tiny runs' batch and validation interval.
+FSDP2 = ("--config", "configs/fsdp.yaml", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+         "--data.batch_size", "4", "--trainer.val_check_interval", "4")
 
 
 def test_fsdp2_training_matches_one_process_and_resumes_exactly(tmp_path):

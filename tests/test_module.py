@@ -1,6 +1,10 @@
 """What the LightningModule logs, and how it prepares the model."""
 
-from cli_helpers import scalars, summary, tiny_args, fit
+import pytest
+import torch
+
+from cli_helpers import fit, scalars, summary, tiny_args
+from lm_opt.module import LMModule
 
 
 def test_tokens_seen_are_logged_at_the_logging_steps_beside_the_loss(tmp_path):
@@ -18,3 +22,25 @@ def test_fused_adamw_trains_under_bf16_mixed_with_gradient_clipping(tmp_path):
     fit(*tiny_args(tmp_path, "run", 2, "--config", "configs/optim/adamw.yaml", "--trainer.precision", "bf16-mixed",
                    "--trainer.gradient_clip_val", "1.0"))
     assert summary(tmp_path / "run")["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_the_compiled_model_and_loss_give_the_eager_loss_and_gradients():
+    """`compile: true` traces model and loss as one graph: the same numbers, fewer passes."""
+    torch.manual_seed(0)
+    eager = LMModule(preset="tiny")
+    compiled = LMModule(preset="tiny", compile=True)
+    compiled.model.load_state_dict(eager.model.state_dict())
+    compiled.configure_model()
+    batch = {"input_ids": torch.randint(0, 8100, (2, 33), generator=torch.Generator().manual_seed(1))}
+    results = []
+    for module in (eager, compiled):
+        ce, z = module._losses(batch)
+        (ce + z).backward()
+        results.append((ce.detach(), z.detach(), {n: p.grad for n, p in module.model.named_parameters()}))
+    (ce0, z0, g0), (ce1, z1, g1) = results
+    torch.testing.assert_close(ce1, ce0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z1, z0, rtol=1e-5, atol=1e-9)
+    assert g0.keys() == g1.keys()  # names unchanged: routes and roles hold
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
