@@ -34,6 +34,9 @@ class Batches(L.LightningDataModule):
     def train_dataloader(self):
         return DataLoader(self.batches, batch_size=None)
 
+    def tokens_per_step(self, trainer: L.Trainer) -> int:
+        return self.hparams.batch_size * self.hparams.seq_len * trainer.accumulate_grad_batches
+
 
 class StepTimer(L.Callback):
     """Wall time from the end of step `skip` to the end of the run (excludes warmup steps)."""
