@@ -14,12 +14,14 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 
 
-def run(*args: str) -> None:
-    """`python -m lm_opt ...` in a subprocess: Lightning's DDP launcher re-runs the command per rank."""
+def run(*args: str) -> str:
+    """`python -m lm_opt ...` in a subprocess (Lightning's DDP launcher re-runs the command per
+    rank); what it printed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run([sys.executable, "-m", "lm_opt", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def ddp(devices: int = 2) -> tuple[str, ...]:
@@ -54,7 +56,8 @@ FSDP2 = ("--config", "configs/fsdp.yaml", "--trainer.devices", "2", "--trainer.a
 def test_fsdp2_training_matches_one_process_and_resumes_exactly(tmp_path):
     """The DDP comparison above, sharded; then a run stopped at step 2 and resumed from its
     checkpoint (gathered into one file) ends where the uninterrupted one does."""
-    run(*tiny_args(tmp_path, "fsdp", 4, *FSDP2))
+    printed = run(*tiny_args(tmp_path, "fsdp", 4, *FSDP2))
+    assert "route 'all': AdamW on parameter shards: elementwise" in printed
     run(*tiny_args(tmp_path, "single", 4, "--data.num_workers", "2", "--trainer.accumulate_grad_batches", "2",
                    "--trainer.val_check_interval", "8"))
     run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, *stop_at(2)))

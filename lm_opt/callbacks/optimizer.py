@@ -26,8 +26,13 @@ WHOLE_TENSOR = {torch.optim.Muon: "its Newton-Schulz orthogonalization needs the
 
 
 def sharding_obstacle(cls: type) -> str | None:
-    """Why `cls` cannot update FSDP's parameter shards exactly, or None if it is elementwise."""
+    """Why `cls` cannot update FSDP's parameter shards exactly, or None if it can."""
     return getattr(cls, "sharding_reason", None) or WHOLE_TENSOR.get(cls)
+
+
+def sharding_scheme(cls: type) -> str:
+    """How `cls` updates parameter shards: its own `sharding_scheme`, else elementwise."""
+    return getattr(cls, "sharding_scheme", "elementwise on each shard, no communication")
 
 
 # Prefixes that wrappers (torch.compile, FSDP, activation checkpointing) add to parameter names.
@@ -157,6 +162,7 @@ class OptimizerCallback(L.Callback):
                     raise UserError(f"route {route.name!r}: {cls.__name__} cannot run under "
                                     f"{type(trainer.strategy).__name__}, which shards parameters: {reason}; "
                                     "use strategy: ddp, or an elementwise optimizer (AdamW, SGD, Lion, Signum, ...)")
+                rank_zero_info(f"route {route.name!r}: {cls.__name__} on parameter shards: {sharding_scheme(cls)}")
         pl_module.optimizer_factory = self.build
         pl_module.schedule_hold_steps = self.hold_steps
 
