@@ -1,11 +1,13 @@
 """Adalayer: Adam with one second-moment scalar per block of a parameter."""
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lm_opt.optim.sharded import all_reduce_sums, is_dtensor, local, row_offset, rows_like
 from lm_opt.optim.state import (
     BaseOptimizer,
     check_args,
@@ -75,6 +77,47 @@ def block_mean_sq(grad: Tensor, n: int) -> Tensor:
     return torch.linalg.vector_norm(block, dim=1).square_().div_(block.shape[1])
 
 
+def row_blocks(param: Tensor, n: int) -> Tensor | None:
+    """The block of each row that this rank holds of a dim-0 sharded ``param`` in ``n`` blocks.
+
+    Returns:
+        None where each row is a block: the shard's ``exp_avg_sq`` is then its rows' entries.
+    """
+    if n == param.shape[0]:
+        return None
+    first = row_offset(param)
+    rows = torch.arange(first, first + local(param).shape[0], device=param.device)
+    return rows // (param.shape[0] // n)
+
+
+def shard_block_means(
+    params: list[Tensor], dtypes: list[torch.dtype], blocks: str | int
+) -> list[Tensor]:
+    """The means of g^2 over the blocks of dim-0 sharded ``params``, as :func:`block_mean_sq`
+    computes them on whole tensors.
+
+    Where each row is a block they are local (this rank's rows). Otherwise each rank adds the
+    squares of its rows into its blocks' partial sums, and one all-reduce per process group
+    sums those: ``n`` floats per parameter of ``n`` blocks.
+    """
+    means: list[Tensor | None] = []
+    reduced, partials = [], []
+    for i, (p, dtype) in enumerate(zip(params, dtypes)):
+        n, row_numel = num_blocks(p.shape, blocks), math.prod(p.shape[1:])
+        g = local(p.grad).to(dtype)
+        row_sq = torch.linalg.vector_norm(g.reshape(g.shape[0], row_numel), dim=1).square_()
+        index = row_blocks(p, n)
+        if index is None:
+            means.append(row_sq.div_(row_numel))
+            continue
+        means.append(None)
+        reduced.append(i)
+        partials.append(row_sq.new_zeros(n).index_add_(0, index, row_sq))
+    for i, total in zip(reduced, all_reduce_sums([params[i] for i in reduced], partials)):
+        means[i] = total.div_(params[i].numel() // total.numel())
+    return means
+
+
 def adalayer_update(
     param: Tensor,
     grad: Tensor,
@@ -88,16 +131,25 @@ def adalayer_update(
     weight_decay: float,
     bias_correction1: float,
     bias_correction2: float,
+    block_means: Tensor | None = None,
+    row_block: Tensor | None = None,
 ) -> None:
-    """One Adalayer step on one tensor, in place; ``exp_avg_sq`` holds one entry per block."""
-    n = exp_avg_sq.numel()
+    """One Adalayer step on one tensor, in place; ``exp_avg_sq`` holds one entry per block.
+
+    For a dim-0 shard (local tensors), ``block_means`` are its entries of
+    :func:`shard_block_means` and ``row_block`` the block of each local row (:func:`row_blocks`).
+    """
     g = grad.to(exp_avg.dtype)
     exp_avg.lerp_(g, 1 - beta1)
     if v_weight:
-        exp_avg_sq.lerp_(block_mean_sq(g, n), v_weight)
-    if lr == 0.0:  # frozen Adalayer's warm-up moves nothing: skip the full-size update
+        means = block_mean_sq(g, exp_avg_sq.numel()) if block_means is None else block_means
+        exp_avg_sq.lerp_(means, v_weight)
+    if lr == 0.0 or not param.numel():  # frozen Adalayer's warm-up, or an empty shard
         return
     denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
+    if row_block is not None:
+        denom = denom[row_block]
+    n = denom.numel()
     p = param.to(exp_avg.dtype).contiguous()  # a copy only for bf16 or strided parameters
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
@@ -120,17 +172,24 @@ def adalayer_update_foreach(
     weight_decay: float,
     bias_correction1: float,
     bias_correction2: float,
+    block_means: list[Tensor | None] | None = None,
+    row_blocks: list[Tensor | None] | None = None,
 ) -> None:
-    """:func:`adalayer_update` on many tensors.
+    """:func:`adalayer_update` on many tensors (``block_means`` and ``row_blocks`` per tensor).
 
     The momentum, the second moments and weight decay use ``torch._foreach_*`` kernels; the
     block reductions and the broadcast division run per tensor.
     """
-    ns = [v.numel() for v in exp_avg_sqs]
+    block_means = block_means or [None] * len(params)
+    row_blocks = row_blocks or [None] * len(params)
     gs = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
     if v_weight:
-        torch._foreach_lerp_(exp_avg_sqs, [block_mean_sq(g, n) for g, n in zip(gs, ns)], v_weight)
+        means = [
+            block_mean_sq(g, v.numel()) if b is None else b
+            for g, v, b in zip(gs, exp_avg_sqs, block_means)
+        ]
+        torch._foreach_lerp_(exp_avg_sqs, means, v_weight)
     if lr == 0.0:
         return
     denoms = torch._foreach_div(exp_avg_sqs, bias_correction2)
@@ -139,7 +198,11 @@ def adalayer_update_foreach(
     ps = [p.to(m.dtype).contiguous() for p, m in zip(params, exp_avgs)]
     if weight_decay:
         torch._foreach_mul_(ps, 1 - lr * weight_decay)
-    for p, m, d, n in zip(ps, exp_avgs, denoms, ns):
+    for p, m, d, index in zip(ps, exp_avgs, denoms, row_blocks):
+        if not p.numel():  # an empty shard
+            continue
+        d = d if index is None else d[index]
+        n = d.numel()
         p.view(n, -1).addcdiv_(m.view(n, -1), d[:, None], value=-lr / bias_correction1)
     copy_back_(params, ps)
 
@@ -202,9 +265,19 @@ class Adalayer(BaseOptimizer):
     State: ``step``, ``exp_avg`` (like the parameter) and ``exp_avg_sq`` (one entry per
     block), about 4 bytes per parameter in float32. State is float32 for bf16/fp16
     parameters (the update is computed in float32 and cast back) and float64 for float64
-    ones. Block statistics need the whole tensor, so FSDP2 (``DTensor``) sharded parameters
-    are refused with a ``RuntimeError`` naming the optimizer, at construction (or
-    ``add_param_group``).
+    ones.
+
+    Under FSDP2 (parameters sharded on dim 0 as ``DTensor``, :mod:`lm_opt.optim.sharded`) the
+    step is that of one process, up to float32 summation order. Blocks are runs of whole rows,
+    so a block of one row (``"row"``) is local: its ``exp_avg_sq`` entries are sharded like the
+    parameter, and nothing is communicated. Larger blocks (``"tensor"``, ``k`` chunks, which
+    may straddle shards) take partial sums of g^2 from each rank's rows (placed by the rank's
+    global row offset) and one all-reduce per param group sums them; every rank then holds
+    all ``n`` entries of ``exp_avg_sq``. Communication per step: ``n`` floats per parameter of
+    ``n`` multi-row blocks (1 per tensor, 3 per fused QKV weight), 0 with one block per row or
+    while ``v`` is frozen. Memory per rank of :math:`W`: ``exp_avg`` on the rank's
+    :math:`\lceil \text{rows} / W \rceil` rows at most, ``exp_avg_sq`` on as many rows or
+    whole (``n`` floats); the state dict holds the shards as ``DTensor`` like the parameter.
 
     ``fused=True`` compiles the step (the block means of :math:`g^2`, then one pass over
     :math:`p, g, m`), as :class:`~lm_opt.optim.lion.Lion` does (same requirements and
@@ -225,7 +298,9 @@ class Adalayer(BaseOptimizer):
         fused: Use the compiled step; ``None`` means False.
     """
 
-    sharding_reason = "its block means of g^2 span whole blocks of the tensor"
+    sharding_scheme = (
+        "block statistics: all-reduce of n floats per tensor of n multi-row blocks, 0 if one-row"
+    )
 
     def __init__(
         self,
@@ -309,21 +384,19 @@ class Adalayer(BaseOptimizer):
         for p in params:
             state = self.state[p]
             if not state:
-                dtype = state_dtype(p)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                n = num_blocks(p.shape, group["blocks"])
-                state["exp_avg_sq"] = torch.zeros(n, dtype=dtype, device=p.device)
+                self._init_state(p, state, group["blocks"])
             state["step"] += 1
             by_step.setdefault(int(state["step"].item()), []).append(p)
+        shards = self._shard_statistics(group, by_step)
 
         foreach = use_foreach(group, params)
         fused = group.get("fused") and fusable(params)
         for t, same_step in by_step.items():
             hparams = step_hparams(t, group)
-            grads = [p.grad for p in same_step]
-            exp_avgs = [self.state[p]["exp_avg"] for p in same_step]
-            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in same_step]
+            grads = [local(p.grad) for p in same_step]
+            exp_avgs = [local(self.state[p]["exp_avg"]) for p in same_step]
+            exp_avg_sqs = [local(self.state[p]["exp_avg_sq"]) for p in same_step]
+            block_means, blocks = zip(*(shards.get(id(p), (None, None)) for p in same_step))
             if fused and hparams["lr"] != 0.0:
                 v_weight, bias_correction2, decay, step_size = scalars(
                     hparams["v_weight"],
@@ -336,11 +409,46 @@ class Adalayer(BaseOptimizer):
                     v_weight=v_weight, bias_correction2=bias_correction2, decay=decay, step_size=step_size,
                 )
                 continue
+            same_step = [local(p) for p in same_step]
             if foreach:
-                adalayer_update_foreach(same_step, grads, exp_avgs, exp_avg_sqs, **hparams)
+                adalayer_update_foreach(same_step, grads, exp_avgs, exp_avg_sqs, **hparams,
+                                        block_means=block_means, row_blocks=blocks)
                 continue
-            for p, g, m, v in zip(same_step, grads, exp_avgs, exp_avg_sqs):
-                adalayer_update(p, g, m, v, **hparams)
+            for p, g, m, v, means, index in zip(
+                same_step, grads, exp_avgs, exp_avg_sqs, block_means, blocks
+            ):
+                adalayer_update(p, g, m, v, **hparams, block_means=means, row_block=index)
+
+    def _shard_statistics(
+        self, group: dict[str, Any], by_step: dict[int, list[Tensor]]
+    ) -> dict[int, tuple[Tensor | None, Tensor | None]]:
+        """Per dim-0 shard (by id): its block means of g^2 where its ``v`` takes them this step
+        (:func:`shard_block_means`, one all-reduce for the group), and its :func:`row_blocks`."""
+        blocks = group["blocks"]
+        takes = [
+            p for t, same in by_step.items() if step_hparams(t, group)["v_weight"] for p in same
+            if is_dtensor(p)
+        ]
+        dtypes = [self.state[p]["exp_avg"].dtype for p in takes]
+        means = dict(zip(map(id, takes), shard_block_means(takes, dtypes, blocks)))
+        return {
+            id(p): (means.get(id(p)), row_blocks(p, num_blocks(p.shape, blocks)))
+            for same in by_step.values() for p in same if is_dtensor(p)
+        }
+
+    @staticmethod
+    def _init_state(p: Tensor, state: dict[str, Tensor], blocks: str | int) -> None:
+        """Zero state; ``exp_avg`` of a dim-0 shard is sharded like it, and so is ``exp_avg_sq``
+        where each row is a block (other blocks span shards: every rank holds all of them)."""
+        dtype, shard = state_dtype(p), local(p)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = rows_like(p, torch.zeros(shard.shape, dtype=dtype, device=p.device))
+        n = num_blocks(p.shape, blocks)
+        if is_dtensor(p) and n == p.shape[0]:
+            v = torch.zeros(shard.shape[0], dtype=dtype, device=p.device)
+            state["exp_avg_sq"] = rows_like(p, v)
+        else:
+            state["exp_avg_sq"] = torch.zeros(n, dtype=dtype, device=p.device)
 
     def effective_lr(self, p: Tensor) -> Tensor | None:
         """Per-block ``lr / (sqrt(v_hat) + eps)`` from the current state.

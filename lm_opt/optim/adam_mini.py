@@ -31,9 +31,15 @@ class AdamMini(Adalayer):
     State: ``step``, ``exp_avg`` (like the parameter) and ``exp_avg_sq`` (one entry per
     block), about 4 bytes per parameter in float32, half of AdamW's. State is float32 for
     bf16/fp16 parameters (the update is computed in float32 and cast back) and float64 for
-    float64 ones. Block statistics need the whole tensor, so FSDP2 (``DTensor``) sharded
-    parameters are refused with a ``RuntimeError`` naming AdamMini, at construction (or
-    ``add_param_group``).
+    float64 ones.
+
+    Under FSDP2 it runs Adalayer's sharded scheme, exact up to float32 summation order:
+    per-row blocks (tokens, neurons) are local, while the per-head blocks of a fused QKV
+    weight (``3 * n_head`` of ``head_size`` rows, which may straddle shards) and the one
+    block of a LayerNorm gain are sums of each rank's partial sums, all-reduced.
+    Communication per step: ``3 * n_head`` floats per QKV weight and 1 per LayerNorm, in one
+    all-reduce per param group. Memory per rank: ``exp_avg`` and per-row ``exp_avg_sq`` on
+    the rank's rows, the per-head and per-tensor ``exp_avg_sq`` whole.
 
     Args:
         params: Parameters or param-group dicts; any keyword below may be set per group.
@@ -46,6 +52,10 @@ class AdamMini(Adalayer):
         foreach: Use the multi-tensor path; None turns it on when all parameters of a
             group share a device.
     """
+
+    sharding_scheme = (
+        "block statistics: all-reduce of 3 n_head floats per QKV weight, 1 per LayerNorm"
+    )
 
     def __init__(
         self,

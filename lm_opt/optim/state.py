@@ -2,12 +2,12 @@
 
 Their base class (the closure, the walk over the parameters that have a gradient, and a
 `load_state_dict` that keeps float32 state for bf16/fp16 parameters), the argument
-checks of the AdamW-shaped constructors, the foreach choice, the compiled (`fused`) step, and the refusal of sharded
-(`DTensor`) parameters by optimizers that need whole-tensor statistics.
+checks of the AdamW-shaped constructors, the foreach choice, the compiled (`fused`) step, and the
+refusal of sharded (`DTensor`) parameters by optimizers that need whole-tensor statistics and have
+no sharded scheme.
 """
 
 import functools
-import sys
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lm_opt.optim.sharded import check_row_sharded, is_dtensor
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -56,10 +58,7 @@ def reject_dtensor(param: Tensor, optimizer_name: str, reason: str) -> None:
     For optimizers whose statistics span the whole tensor: on a shard they would
     silently precondition each shard with its own statistics.
     """
-    # A DTensor can only exist once its module is loaded; importing it here would cost
-    # about a second to every process that never shards anything.
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(param, dtensor.DTensor):
+    if is_dtensor(param):
         raise RuntimeError(
             f"{optimizer_name} does not support FSDP/DTensor-sharded parameters: {reason} "
             f"(got a DTensor parameter of shape {tuple(param.shape)}). Gather the parameter "
@@ -143,8 +142,10 @@ class BaseOptimizer(Optimizer):
 
     A subclass whose statistics span whole tensors sets ``sharding_reason`` (why); its
     ``add_param_group`` (so its constructor too) then refuses ``DTensor`` parameters with
-    a ``RuntimeError`` naming the optimizer. Elementwise optimizers leave it None and
-    work on FSDP2 shards as they are.
+    a ``RuntimeError`` naming the optimizer. One that computes them exactly on FSDP2 shards
+    (with :mod:`lm_opt.optim.sharded`) sets ``sharding_scheme`` instead (how, and what it
+    communicates), and refuses DTensors laid out otherwise than FSDP2's ``Shard(0)``.
+    Elementwise optimizers leave both None and work on FSDP2 shards as they are.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor
     (but ``step``) to its parameter's dtype, which would round float32 moments, factors
@@ -154,19 +155,24 @@ class BaseOptimizer(Optimizer):
     """
 
     sharding_reason: str | None = None
+    sharding_scheme: str | None = None
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """Update ``params``, the parameters of ``group`` that have a gradient."""
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group; sharded parameters only if the update is elementwise."""
+        """Add a parameter group; sharded parameters only if the update is elementwise or has a
+        sharded scheme."""
         super().add_param_group(param_group)
-        if self.sharding_reason is None:
+        if self.sharding_reason is None and self.sharding_scheme is None:
             return
         try:
             for p in self.param_groups[-1]["params"]:
-                reject_dtensor(p, type(self).__name__, self.sharding_reason)
+                if self.sharding_reason is not None:
+                    reject_dtensor(p, type(self).__name__, self.sharding_reason)
+                else:
+                    check_row_sharded(p, type(self).__name__)
         except RuntimeError:
             self.param_groups.pop()
             raise
