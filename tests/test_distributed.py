@@ -154,8 +154,8 @@ def test_every_optimizer_gives_the_same_result_under_ddp_as_on_one_process(tmp_p
                 assert torch.equal(distributed[name], value), f"{config.stem}: {name} differs under DDP"
 
 
-def elementwise(config: Path) -> bool:
-    """Whether every route of an optimizer config updates shards exactly (no whole-tensor statistics)."""
+def shardable(config: Path) -> bool:
+    """Whether every route's optimizer of a config updates FSDP2 shards exactly."""
     import yaml
 
     from lm_opt.callbacks.optimizer import OptimizerCallback, sharding_obstacle
@@ -164,25 +164,47 @@ def elementwise(config: Path) -> bool:
     return not any(sharding_obstacle(cls) for cls in callback.classes)
 
 
-ELEMENTWISE_CONFIGS = [c for c in OPTIM_CONFIGS if elementwise(c)]
+SHARDABLE_CONFIGS = [c for c in OPTIM_CONFIGS if shardable(c)]
 
 
 def fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lm_opt.model import GPT, ModelConfig
+    from lm_opt.parallel import shard
+
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    for config in ELEMENTWISE_CONFIGS:
+    model = GPT(ModelConfig.from_name("tiny"))
+    unsharded = model.flops_per_token(128)
+    shard(model, init_device_mesh("cpu", (2,)))
+    # MFU counts the whole model's FLOPs on every rank, not those of the local shards.
+    assert model.flops_per_token(128) == unsharded
+    for config in SHARDABLE_CONFIGS:
         params = train_routed(config, rank, world_size=2, sharded=True)
         if rank == 0:
             torch.save(params, Path(out_dir) / f"{config.stem}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_every_elementwise_optimizer_gives_the_same_result_under_fsdp2_as_on_one_process(tmp_path):
-    """Sharded updates of the same averaged gradients: equal up to float32 reduction order."""
-    assert {c.stem for c in ELEMENTWISE_CONFIGS} >= {"adamw", "lion", "signum", "sgd", "schedule_free"}
+def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_process(tmp_path):
+    """Sharded updates of the same averaged gradients: equal up to float32 reduction order.
+
+    Reduce-scatter sums the two halves' gradients in another order than accumulation does;
+    adaptive optimizers divide near-zero gradients by near-zero second moments, which turns
+    that rounding into differences of up to about 1e-3 of how far a tensor moved. So updates
+    are compared at that scale, per tensor: a wrong statistic moves them by the update's size.
+    """
+    assert {c.stem for c in SHARDABLE_CONFIGS} >= {"adamw", "lion", "signum", "sgd", "schedule_free", "adafactor",
+                                                    "adalayer", "adam_mini", "sgd_adalayer_last_norm"}
+    from lm_opt.model import GPT, ModelConfig
+
     torch.multiprocessing.spawn(fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    for config in ELEMENTWISE_CONFIGS:
+    torch.manual_seed(0)
+    initial = dict(GPT(ModelConfig.from_name("tiny", n_layer=1)).named_parameters())
+    for config in SHARDABLE_CONFIGS:
         single = train_routed(config)
         sharded = torch.load(tmp_path / f"{config.stem}.pt")
         for name, value in single.items():
-            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-7,
+            moved = (value - initial[name]).abs().max().item()
+            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-3 * moved,
                                        msg=lambda m: f"{config.stem}: {name} differs under FSDP2: {m}")

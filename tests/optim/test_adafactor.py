@@ -9,7 +9,6 @@ from optim_harness import (
     random_params,
     resume_from_state_dict,
     run_seeded,
-    single_rank_mesh,
 )
 
 from lm_opt.optim.adafactor import Adafactor, factored_denominator, factored_second_moment
@@ -258,12 +257,3 @@ def test_bf16_params_keep_fp32_state(foreach):
         ref = ReferenceAdafactor(q0)
         ref.step(q.grad.float(), 1e-2, 1e-15, 0.1)
         torch.testing.assert_close(q, ref.p.bfloat16(), rtol=0, atol=0)
-
-
-def test_refuses_dtensor_parameters():
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    with single_rank_mesh() as mesh:
-        sharded = distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)])
-        with pytest.raises(RuntimeError, match="Adafactor does not support FSDP/DTensor"):
-            Adafactor([sharded])

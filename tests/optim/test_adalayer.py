@@ -333,21 +333,6 @@ def test_step_returns_closure_loss():
     assert opt.step(closure).item() == 3.0
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_dtensor_parameters_are_rejected():
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
-        with pytest.raises(RuntimeError, match="Adalayer.*FSDP/DTensor"):
-            Adalayer([sharded])
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("foreach", [False, True])
 def test_strided_parameter_is_updated_like_a_contiguous_one(foreach):
     gen = torch.Generator().manual_seed(0)
