@@ -32,7 +32,7 @@ def sharding_obstacle(cls: type) -> str | None:
 
 def sharding_scheme(cls: type) -> str:
     """How `cls` updates parameter shards: its own `sharding_scheme`, else elementwise."""
-    return getattr(cls, "sharding_scheme", "elementwise on each shard, no communication")
+    return getattr(cls, "sharding_scheme", None) or "elementwise on each shard, no communication"
 
 
 # Prefixes that wrappers (torch.compile, FSDP, activation checkpointing) add to parameter names.
