@@ -191,8 +191,10 @@ def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_p
 
     Reduce-scatter sums the two halves' gradients in another order than accumulation does;
     adaptive optimizers divide near-zero gradients by near-zero second moments, which turns
-    that rounding into differences of up to about 1e-3 of how far a tensor moved. So updates
-    are compared at that scale, per tensor: a wrong statistic moves them by the update's size.
+    that rounding into differences of up to about 1e-3 of how far a tensor moved, and sign-based
+    steps (Lion, Signum) flip a coordinate whose momentum is within rounding of zero. So updates
+    are compared at that scale, per tensor, and at most 1 entry in 1e5 may differ beyond it: a
+    wrong statistic moves most entries by the update's size.
     """
     assert {c.stem for c in SHARDABLE_CONFIGS} >= {"adamw", "lion", "signum", "sgd", "schedule_free", "adafactor",
                                                     "adalayer", "adam_mini", "sgd_adalayer_last_norm"}
@@ -205,6 +207,7 @@ def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_p
         single = train_routed(config)
         sharded = torch.load(tmp_path / f"{config.stem}.pt")
         for name, value in single.items():
-            moved = (value - initial[name]).abs().max().item()
-            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-3 * moved,
-                                       msg=lambda m: f"{config.stem}: {name} differs under FSDP2: {m}")
+            moved = (value - initial[name]).abs().max()
+            off = (sharded[name] - value).abs() > 1e-5 * value.abs() + 1e-3 * moved
+            assert off.sum() <= value.numel() // 100_000, \
+                f"{config.stem}: {int(off.sum())} of {value.numel()} entries of {name} differ under FSDP2"
