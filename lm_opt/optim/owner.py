@@ -101,7 +101,7 @@ class OwnerOptimizer(BaseOptimizer):
     and it returns on every rank the owners' states (on the CPU); ``load_state_dict`` keeps
     of a full state dict the entries that this rank owns. A checkpoint that
     ``torch.distributed.checkpoint.state_dict`` gathers (``full_state_dict=True``) thus holds
-    every owner's state, and resumes on any number of ranks.
+    every owner's state; it is tested to resume on as many ranks as wrote it.
     """
 
     sharding_scheme = "owner: whole gradient gathered to one rank per tensor, update scattered"

@@ -114,8 +114,9 @@ class SOAP(KroneckerOptimizer):
     take the same update, computed whole on one owner rank per tensor (round-robin in
     parameter order; :mod:`lm_opt.optim.owner`). Per step and ``r x c`` matrix, one
     ``all_to_all`` gathers the gradient to its owner, :math:`(W - 1) r c / W` elements
-    (all rows but the owner's, ``r = W s`` for shards of ``s`` rows), and a second returns
-    as many of the update (none on the first step, which moves nothing). All the state
+    when :math:`W` divides :math:`r` (in general :math:`r c` less the owner's rows), and a
+    second returns as many of the update plus the step size to each other rank (:math:`W -
+    1` numbers; nothing on the first step, which moves nothing). All the state
     above lives on the owner only, so a rank holds the state of about :math:`1/W` of the
     tensors (by count, not size), plus for each tensor it owns a transient full gradient
     and update (:math:`2 r c`), and its shards' send buffers.
