@@ -7,9 +7,8 @@ than ``max_precond_dim`` gets no factor (``None``) and is left as it is, which k
 vocabulary axis of the embedding and of the output layer one-sided.
 
 Every Gram matrix is a sum over the whole tensor, so it cannot be formed from one shard
-of a sharded parameter; SOAP and Shampoo refuse ``DTensor`` parameters (with
-:data:`SHARDING_REASON`) instead of silently preconditioning each shard with its own
-statistics.
+of a sharded parameter: SOAP and Shampoo update a sharded (FSDP2) parameter whole, on
+one owner rank (:mod:`lm_opt.optim.owner`).
 """
 
 from collections.abc import Iterable
@@ -18,9 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lm_opt.optim.owner import OwnerOptimizer
 from lm_opt.optim.state import check_args
-
-SHARDING_REASON = "its Kronecker factors G G^T must be computed over the whole tensor"
 
 
 def check_hyperparameters(
@@ -112,16 +110,38 @@ def contract(x: Tensor, mats: list[Tensor | None], transpose: bool) -> Tensor:
     return x
 
 
-def apply_update_(
-    param: Tensor, update: Tensor, step_size: float, lr: float, weight_decay: float
-) -> None:
-    """``p <- (p - step_size * update) * (1 - lr * weight_decay)``, computed in ``update``'s dtype.
+class KroneckerOptimizer(OwnerOptimizer):
+    """What SOAP and Shampoo share: their common hyperparameters, checked, and the owner scheme.
 
-    Weight decay comes after the step, as in the SOAP reference code.
+    A subclass passes its own hyperparameters on as ``defaults`` and writes
+    :meth:`~lm_opt.optim.owner.OwnerOptimizer._direction`.
     """
-    work = param.to(update.dtype)
-    work.add_(update, alpha=-step_size)
-    if weight_decay != 0:
-        work.mul_(1 - lr * weight_decay)
-    if work is not param:
-        param.copy_(work)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float],
+        shampoo_beta: float,
+        eps: float,
+        weight_decay: float,
+        precondition_frequency: int,
+        max_precond_dim: int,
+        **defaults: Any,
+    ) -> None:
+        check_hyperparameters(
+            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, max_precond_dim
+        )
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=tuple(betas),
+                shampoo_beta=shampoo_beta,
+                eps=eps,
+                weight_decay=weight_decay,
+                precondition_frequency=precondition_frequency,
+                max_precond_dim=max_precond_dim,
+                **defaults,
+            ),
+        )

@@ -7,18 +7,12 @@ import torch
 from torch import Tensor
 
 from lm_opt.optim.kronecker import (
-    SHARDING_REASON,
-    apply_update_,
-    check_hyperparameters,
+    KroneckerOptimizer,
     contract,
     eigh_with_fallback,
     factor_beta,
     init_factors,
     update_factors_,
-)
-from lm_opt.optim.state import (
-    BaseOptimizer,
-    state_dtype,
 )
 
 GRAFTINGS = ("adam", "none")
@@ -50,7 +44,7 @@ def graft(direction: Tensor, magnitude: Tensor) -> Tensor:
     return direction * scale
 
 
-class Shampoo(BaseOptimizer):
+class Shampoo(KroneckerOptimizer):
     r"""Shampoo with momentum and layer-wise Adam grafting.
 
     From "Shampoo: Preconditioned Stochastic Tensor Optimization" (Gupta et al. 2018,
@@ -89,10 +83,15 @@ class Shampoo(BaseOptimizer):
     parameter, like SOAP. State is float32 even for bf16/fp16 parameters (the update
     is computed in float32 and cast back); float64 parameters keep float64.
 
-    Sharded parameters are not supported: a ``DTensor`` parameter (FSDP2) raises a
-    ``RuntimeError`` naming Shampoo, since :math:`G G^\top` needs the whole tensor.
-    Supporting it would take an all-gather of each gradient (or a reduction of
-    per-shard Gram matrices) and the preconditioners replicated or owned by one rank.
+    Sharded parameters (FSDP2 ``DTensor``, dim 0 over a 1-D mesh of :math:`W` ranks)
+    take the same update, computed whole on one owner rank per tensor (round-robin in
+    parameter order; :mod:`lm_opt.optim.owner`). Per step and ``r x c`` matrix, one
+    ``all_to_all`` gathers the gradient to its owner, :math:`(W - 1) r c / W` elements
+    when :math:`W` divides :math:`r` (in general :math:`r c` less the owner's rows), and a
+    second returns as many of the update plus the step size to each other rank
+    (:math:`W - 1` numbers). All the state above lives on the owner only, so
+    a rank holds the state of about :math:`1/W` of the tensors (by count, not size), plus
+    for each tensor it owns a transient full gradient and update (:math:`2 r c`).
 
     Args:
         params: Parameters or parameter groups to optimize.
@@ -108,8 +107,6 @@ class Shampoo(BaseOptimizer):
         grafting: ``"adam"`` (layer-wise Adam grafting) or ``"none"``.
     """
 
-    sharding_reason = SHARDING_REASON
-
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -124,67 +121,58 @@ class Shampoo(BaseOptimizer):
         *,
         grafting: str = "adam",
     ) -> None:
-        check_hyperparameters(
-            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, max_precond_dim
-        )
         if not exponent < 0.0:
             raise ValueError(f"Invalid exponent: {exponent} (must be < 0)")
         if grafting not in GRAFTINGS:
             raise ValueError(f"Invalid grafting: {grafting!r} (must be one of {GRAFTINGS})")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
+        super().__init__(
+            params,
+            lr,
+            betas,
+            shampoo_beta,
+            eps,
+            weight_decay,
+            precondition_frequency,
+            max_precond_dim,
             exponent=exponent,
             grafting=grafting,
         )
-        super().__init__(params, defaults)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for p in params:
-            state = self.state[p]
-            grad = p.grad.to(state_dtype(p))
-            if not state:
-                self._init_state(p, grad, group)
+    def _direction(
+        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]
+    ) -> tuple[Tensor, float]:
+        if not state:
+            self._init_state(state, grad, group)
 
-            state["step"] += 1
-            step = state["step"]
-            beta1, beta2 = group["betas"]
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            if all(f is None for f in state["GG"]):
-                update = adam_direction(exp_avg, exp_avg_sq, step, group["betas"], group["eps"])
-            else:
-                update_factors_(state["GG"], grad, factor_beta(group))
-                if (step - 1) % group["precondition_frequency"] == 0:
-                    state["precond"] = [
-                        None
-                        if f is None
-                        else damped_matrix_power(f, group["exponent"], group["eps"])
-                        for f in state["GG"]
-                    ]
-                update = contract(exp_avg / (1 - beta1**step), state["precond"], False)
-                if group["grafting"] == "adam":
-                    update = graft(
-                        update,
-                        adam_direction(exp_avg, exp_avg_sq, step, group["betas"], group["eps"]),
-                    )
-            apply_update_(p, update, group["lr"], group["lr"], group["weight_decay"])
+        state["step"] += 1
+        step = state["step"]
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        adam = adam_direction(exp_avg, exp_avg_sq, step, group["betas"], group["eps"])
+        if all(f is None for f in state["GG"]):
+            return adam, group["lr"]
+        update_factors_(state["GG"], grad, factor_beta(group))
+        if (step - 1) % group["precondition_frequency"] == 0:
+            state["precond"] = [
+                None if f is None else damped_matrix_power(f, group["exponent"], group["eps"])
+                for f in state["GG"]
+            ]
+        update = contract(exp_avg / (1 - beta1**step), state["precond"], False)
+        if group["grafting"] == "adam":
+            update = graft(update, adam)
+        return update, group["lr"]
 
-    def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+    @staticmethod
+    def _init_state(state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> None:
         """Zero moments and factors; the roots are computed on the first step."""
-        state = self.state[p]
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(grad)
         state["exp_avg_sq"] = torch.zeros_like(grad)
-        if p.dim() >= 2:
+        if grad.dim() >= 2:
             factors = init_factors(grad.shape, group["max_precond_dim"], grad.dtype, grad.device)
         else:
-            factors = [None] * p.dim()
+            factors = [None] * grad.dim()
         state["GG"] = factors
-        state["precond"] = [None] * p.dim()
+        state["precond"] = [None] * grad.dim()

@@ -7,9 +7,7 @@ import torch
 from torch import Tensor
 
 from lm_opt.optim.kronecker import (
-    SHARDING_REASON,
-    apply_update_,
-    check_hyperparameters,
+    KroneckerOptimizer,
     contract,
     eigenbasis,
     factor_beta,
@@ -17,11 +15,7 @@ from lm_opt.optim.kronecker import (
     refresh_eigenbasis,
     update_factors_,
 )
-from lm_opt.optim.state import (
-    BaseOptimizer,
-    group_of,
-    state_dtype,
-)
+from lm_opt.optim.state import group_of
 
 DATA_FORMATS = ("channels_first", "channels_last")
 
@@ -78,7 +72,7 @@ def rms(x: Tensor) -> Tensor:
     return x.square().mean().sqrt() + 1e-30
 
 
-class SOAP(BaseOptimizer):
+class SOAP(KroneckerOptimizer):
     r"""SOAP: ShampoO with Adam in the Preconditioner's eigenbasis.
 
     From "SOAP: Improving and Stabilizing Shampoo using Adam" (Vyas et al. 2024,
@@ -116,10 +110,16 @@ class SOAP(BaseOptimizer):
     a square one: three times AdamW. State is float32 even for bf16/fp16 parameters
     (the update is computed in float32 and cast back); float64 parameters keep float64.
 
-    Sharded parameters are not supported: a ``DTensor`` parameter (FSDP2) raises a
-    ``RuntimeError`` naming SOAP, since :math:`G G^\top` needs the whole tensor.
-    Supporting it would take an all-gather of each gradient (or a reduction of
-    per-shard Gram matrices) and the bases replicated or owned by one rank.
+    Sharded parameters (FSDP2 ``DTensor``, dim 0 over a 1-D mesh of :math:`W` ranks)
+    take the same update, computed whole on one owner rank per tensor (round-robin in
+    parameter order; :mod:`lm_opt.optim.owner`). Per step and ``r x c`` matrix, one
+    ``all_to_all`` gathers the gradient to its owner, :math:`(W - 1) r c / W` elements
+    when :math:`W` divides :math:`r` (in general :math:`r c` less the owner's rows), and a
+    second returns as many of the update plus the step size to each other rank (:math:`W -
+    1` numbers; nothing on the first step, which moves nothing). All the state
+    above lives on the owner only, so a rank holds the state of about :math:`1/W` of the
+    tensors (by count, not size), plus for each tensor it owns a transient full gradient
+    and update (:math:`2 r c`), and its shards' send buffers.
 
     Args:
         params: Parameters or parameter groups to optimize.
@@ -138,7 +138,7 @@ class SOAP(BaseOptimizer):
         correct_bias: Use Adam's bias correction in the step size.
     """
 
-    sharding_reason = SHARDING_REASON
+    first_step_updates = False
 
     def __init__(
         self,
@@ -156,69 +156,63 @@ class SOAP(BaseOptimizer):
         data_format: str = "channels_first",
         correct_bias: bool = True,
     ) -> None:
-        check_hyperparameters(
-            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, max_precond_dim
-        )
         if data_format not in DATA_FORMATS:
             raise ValueError(
                 f"Invalid data_format: {data_format!r} (must be one of {DATA_FORMATS})"
             )
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
+        super().__init__(
+            params,
+            lr,
+            betas,
+            shampoo_beta,
+            eps,
+            weight_decay,
+            precondition_frequency,
+            max_precond_dim,
             merge_dims=merge_dims,
             precondition_1d=precondition_1d,
             normalize_grads=normalize_grads,
             data_format=data_format,
             correct_bias=correct_bias,
         )
-        super().__init__(params, defaults)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for p in params:
-            state = self.state[p]
-            grad = to_precond_layout(p.grad.to(state_dtype(p)), group)
-            if not state:
-                self._init_state(p, grad, group)
-                continue
+    def _direction(
+        self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]
+    ) -> tuple[Tensor, float] | None:
+        shape, grad = grad.shape, to_precond_layout(grad, group)
+        if not state:
+            self._init_state(state, grad, group, len(shape))
+            return None
 
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            grad_rotated = contract(grad, state["Q"], transpose=True)
-            exp_avg.mul_(beta1).add_(grad_rotated, alpha=1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad_rotated, grad_rotated, value=1 - beta2)
-            update = contract(
-                exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), state["Q"], transpose=False
-            )
-            if group["normalize_grads"]:
-                update.div_(rms(update))
-            apply_update_(
-                p,
-                from_precond_layout(update, p.shape, group),
-                soap_step_size(group, state["step"]),
-                group["lr"],
-                group["weight_decay"],
-            )
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        grad_rotated = contract(grad, state["Q"], transpose=True)
+        exp_avg.mul_(beta1).add_(grad_rotated, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad_rotated, grad_rotated, value=1 - beta2)
+        update = contract(
+            exp_avg / exp_avg_sq.sqrt().add_(group["eps"]), state["Q"], transpose=False
+        )
+        if group["normalize_grads"]:
+            update.div_(rms(update))
 
-            # The factors take the current gradient only now, after it was projected
-            # with a basis built from earlier gradients alone.
-            update_factors_(state["GG"], grad, factor_beta(group))
-            if state["step"] % group["precondition_frequency"] == 0:
-                self._refresh_bases(state)
+        # The factors take the current gradient only now, after it was projected
+        # with a basis built from earlier gradients alone.
+        update_factors_(state["GG"], grad, factor_beta(group))
+        if state["step"] % group["precondition_frequency"] == 0:
+            self._refresh_bases(state)
+        return from_precond_layout(update, shape, group), soap_step_size(group, state["step"])
 
-    def _init_state(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
-        """First step: statistics from this gradient and their ``eigh`` bases, no update."""
-        state = self.state[p]
+    @staticmethod
+    def _init_state(state: dict[str, Any], grad: Tensor, group: dict[str, Any], ndim: int) -> None:
+        """First step: statistics from this gradient and their ``eigh`` bases, no update.
+
+        ``ndim`` is the parameter's order, before any merging of dims.
+        """
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(grad)
         state["exp_avg_sq"] = torch.zeros_like(grad)
-        if p.dim() == 1 and not group["precondition_1d"]:
+        if ndim == 1 and not group["precondition_1d"]:
             state["GG"] = [None]
         else:
             state["GG"] = init_factors(
@@ -248,10 +242,11 @@ class SOAP(BaseOptimizer):
         when ``normalize_grads``). Shaped like ``exp_avg_sq``.
 
         Returns:
-            The tensor, or None before ``p``'s first update.
+            The tensor, or None before ``p``'s first update and on the ranks that do not
+            own a sharded ``p`` (whose owner returns the whole tensor's).
         """
         state = self.state.get(p)
-        if not state or state["step"] == 0:
+        if not state or state.get("step", 0) == 0:
             return None
         group = group_of(self, p)
         denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
