@@ -155,13 +155,18 @@ def test_every_optimizer_gives_the_same_result_under_ddp_as_on_one_process(tmp_p
 
 
 def shardable(config: Path) -> bool:
-    """Whether every route's optimizer of a config updates FSDP2 shards exactly."""
+    """Whether every route's optimizer of a config updates FSDP2 shards on the ranks that hold
+    them. SOAP and Shampoo gather whole matrices to an owner rank instead; on the tiny model
+    their 8192-wide factors make this comparison take many minutes, and on shards the clipping
+    norm's summation order alone can turn an eigenbasis of a singular factor around:
+    tests/optim/test_sharded_preconditioners.py compares them on models sized for that."""
     import yaml
 
     from lm_opt.callbacks.optimizer import OptimizerCallback, sharding_obstacle
+    from lm_opt.optim.owner import OwnerOptimizer
 
     callback = OptimizerCallback(**yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"])
-    return not any(sharding_obstacle(cls) for cls in callback.classes)
+    return not any(sharding_obstacle(cls) or issubclass(cls, OwnerOptimizer) for cls in callback.classes)
 
 
 SHARDABLE_CONFIGS = [c for c in OPTIM_CONFIGS if shardable(c)]

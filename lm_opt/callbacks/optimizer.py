@@ -21,13 +21,13 @@ from lm_opt.errors import UserError
 from lm_opt.model import GPT, ROLES
 from lm_opt.optim.composite import CompositeOptimizer
 
-# torch's optimizers whose statistics span whole tensors; lm_opt's say so in `sharding_reason`.
+# torch's optimizers whose statistics span whole tensors (lm_opt's all run on FSDP2 shards).
 WHOLE_TENSOR = {torch.optim.Muon: "its Newton-Schulz orthogonalization needs the whole matrix"}
 
 
 def sharding_obstacle(cls: type) -> str | None:
     """Why `cls` cannot update FSDP's parameter shards exactly, or None if it can."""
-    return getattr(cls, "sharding_reason", None) or WHOLE_TENSOR.get(cls)
+    return WHOLE_TENSOR.get(cls)
 
 
 def sharding_scheme(cls: type) -> str:

@@ -15,7 +15,6 @@ numbers).
 """
 
 import functools
-import sys
 from collections.abc import Iterator
 from itertools import chain
 from typing import Any
@@ -24,13 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lm_opt.optim.sharded import is_dtensor
 from lm_opt.optim.state import BaseOptimizer, state_dtype
-
-
-def is_sharded(param: Tensor) -> bool:
-    """Whether ``param`` is a ``DTensor`` (without importing DTensor where none exists)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    return dtensor is not None and isinstance(param, dtensor.DTensor)
 
 
 def shard_rows(rows: int, world: int) -> list[int]:
@@ -120,7 +114,7 @@ class OwnerOptimizer(BaseOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group; a sharded parameter must be ``Shard(0)`` on the one 1-D mesh."""
         super().add_param_group(param_group)
-        sharded = [p for p in self._params() if is_sharded(p)]
+        sharded = [p for p in self._params() if is_dtensor(p)]
         for p in sharded:
             if (
                 p.device_mesh.ndim != 1
@@ -138,16 +132,16 @@ class OwnerOptimizer(BaseOptimizer):
 
     def _owners(self) -> dict[Tensor, int]:
         """Owner rank of each sharded parameter: round-robin in parameter order."""
-        sharded = [p for p in self._params() if is_sharded(p)]
+        sharded = [p for p in self._params() if is_dtensor(p)]
         return {p: k % p.device_mesh.size() for k, p in enumerate(sharded)}
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for p in params:
-            if not is_sharded(p):
+            if not is_dtensor(p):
                 direction = self._direction(self.state[p], p.grad.to(state_dtype(p)), group)
                 if direction is not None:
                     apply_update_(p, *direction, group["lr"], group["weight_decay"])
-        sharded = [p for p in params if is_sharded(p)]
+        sharded = [p for p in params if is_dtensor(p)]
         if sharded:
             self._owner_step(group, sharded)
 

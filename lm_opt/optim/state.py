@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lm_opt.optim.sharded import check_row_sharded, is_dtensor
+from lm_opt.optim.sharded import check_row_sharded
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -50,20 +50,6 @@ def check_args(
         raise ValueError(f"Invalid eps: {eps} (must be > 0)")
     if weight_decay is not None and not weight_decay >= 0.0:
         raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
-
-
-def reject_dtensor(param: Tensor, optimizer_name: str, reason: str) -> None:
-    """Raise ``RuntimeError`` if ``param`` is a ``DTensor`` (an FSDP2 shard).
-
-    For optimizers whose statistics span the whole tensor: on a shard they would
-    silently precondition each shard with its own statistics.
-    """
-    if is_dtensor(param):
-        raise RuntimeError(
-            f"{optimizer_name} does not support FSDP/DTensor-sharded parameters: {reason} "
-            f"(got a DTensor parameter of shape {tuple(param.shape)}). Gather the parameter "
-            "(e.g. train with DDP) or route it to an elementwise optimizer."
-        )
 
 
 def zeros_state(optimizer: Optimizer, params: list[Tensor], key: str) -> list[Tensor]:
@@ -140,12 +126,12 @@ class BaseOptimizer(Optimizer):
     """An optimizer whose ``step`` hands each group's parameters with a gradient to
     :meth:`_update_group`, and whose ``load_state_dict`` keeps float32 state.
 
-    A subclass whose statistics span whole tensors sets ``sharding_reason`` (why); its
-    ``add_param_group`` (so its constructor too) then refuses ``DTensor`` parameters with
-    a ``RuntimeError`` naming the optimizer. One that computes them exactly on FSDP2 shards
-    (with :mod:`lm_opt.optim.sharded`) sets ``sharding_scheme`` instead (how, and what it
-    communicates), and refuses DTensors laid out otherwise than FSDP2's ``Shard(0)``.
-    Elementwise optimizers leave both None and work on FSDP2 shards as they are.
+    A subclass whose statistics span more than one entry computes them exactly on FSDP2
+    shards (with :mod:`lm_opt.optim.sharded` or :mod:`lm_opt.optim.owner`) and sets
+    ``sharding_scheme`` (how, and what it communicates); its ``add_param_group`` (so its
+    constructor too) then refuses DTensors laid out otherwise than FSDP2's ``Shard(0)``
+    with a ``RuntimeError`` naming the optimizer. Elementwise optimizers leave it None and
+    work on any DTensor as they are.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor
     (but ``step``) to its parameter's dtype, which would round float32 moments, factors
@@ -154,7 +140,6 @@ class BaseOptimizer(Optimizer):
     ``step`` is left as torch placed it.
     """
 
-    sharding_reason: str | None = None
     sharding_scheme: str | None = None
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -165,14 +150,11 @@ class BaseOptimizer(Optimizer):
         """Add a parameter group; sharded parameters only if the update is elementwise or has a
         sharded scheme."""
         super().add_param_group(param_group)
-        if self.sharding_reason is None and self.sharding_scheme is None:
+        if self.sharding_scheme is None:
             return
         try:
             for p in self.param_groups[-1]["params"]:
-                if self.sharding_reason is not None:
-                    reject_dtensor(p, type(self).__name__, self.sharding_reason)
-                else:
-                    check_row_sharded(p, type(self).__name__)
+                check_row_sharded(p, type(self).__name__)
         except RuntimeError:
             self.param_groups.pop()
             raise

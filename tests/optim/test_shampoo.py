@@ -11,7 +11,6 @@ from optim_harness import (
     mode_product,
     random_params,
     resume_from_state_dict,
-    single_rank_mesh,
     unfold,
 )
 
@@ -247,12 +246,3 @@ def test_step_returns_closure_loss():
     p, loss = closure_step(Shampoo, lr=0.1)
     assert loss.item() == 3.0
     assert torch.allclose(p.detach(), torch.full((3,), 0.1))  # Adam's first step is lr * sign
-
-
-def test_rejects_dtensor():
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    with single_rank_mesh() as mesh:
-        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(RuntimeError, match="Shampoo does not support FSDP/DTensor"):
-            Shampoo([sharded])

@@ -13,7 +13,6 @@ from optim_harness import (
     mode_product,
     random_params,
     resume_from_state_dict,
-    single_rank_mesh,
     unfold,
 )
 
@@ -375,12 +374,3 @@ def test_eigh_falls_back_to_float64():
         vals, vecs = eigh_with_fallback(mat)
     assert vals.dtype == vecs.dtype == torch.float32
     torch.testing.assert_close(vals, torch.tensor([1.0, 3.0]))
-
-
-def test_rejects_dtensor():
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    with single_rank_mesh() as mesh:
-        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(RuntimeError, match="SOAP does not support FSDP/DTensor"):
-            SOAP([sharded])

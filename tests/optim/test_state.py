@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lm_opt.optim import EMASGD, SOAP, Lion, Shampoo
+from lm_opt.optim import EMASGD, SOAP, Adafactor, Adalayer, AdamMini, Lion, Shampoo
 from lm_opt.optim.state import BaseOptimizer, check_args, state_dtype
 
 
@@ -80,10 +80,10 @@ def test_check_args_names_the_argument(kwargs, name):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("cls", [SOAP, Shampoo])
-def test_whole_tensor_optimizers_refuse_dtensors_by_name(cls):
+@pytest.mark.parametrize("cls", [Adafactor, Adalayer, AdamMini, SOAP, Shampoo])
+def test_optimizers_with_statistics_take_fsdp2_shards_and_refuse_other_layouts_by_name(cls):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     owns_group = not dist.is_initialized()
     if owns_group:
@@ -91,15 +91,18 @@ def test_whole_tensor_optimizers_refuse_dtensors_by_name(cls):
     try:
         mesh = init_device_mesh("cpu", (1,))
         sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
-        with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support FSDP/DTensor"):
-            cls([sharded])
+        replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+        cls([sharded])
+        with pytest.raises(RuntimeError, match=f"{cls.__name__} supports DTensor parameters sharded on dim 0"):
+            cls([replicated])
         opt = cls([torch.nn.Parameter(torch.randn(4, 4))])
         with pytest.raises(RuntimeError, match=cls.__name__):
-            opt.add_param_group({"params": [sharded]})
+            opt.add_param_group({"params": [replicated]})
         assert len(opt.param_groups) == 1
-        # Elementwise optimizers take the same parameter.
+        # Elementwise optimizers take any layout.
         for elementwise in (Lion, EMASGD):
-            elementwise([sharded])
+            elementwise([replicated])
     finally:
         if owns_group:
             dist.destroy_process_group()
+
