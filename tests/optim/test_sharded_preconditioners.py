@@ -222,10 +222,9 @@ def test_elements_communicated_per_step_are_the_docstring_figure(sharded_run, na
         assert results[name]["sent"][1] == 2 * (world - 1) * numel // world + n_params * (world - 1)
 
 
+@pytest.mark.parametrize("sharded_run", [2], indirect=True, ids=["2ranks"])  # the workers resume on 2
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_resumed_from_full_checkpoint_equals_uninterrupted(sharded_run, name):
     world, results = sharded_run
-    if world != 2:
-        pytest.skip("resume is run on 2 ranks")
     for param, value in results[name]["params"].items():
         assert torch.equal(results[name]["resumed"][param], value), f"{name}: {param}"
