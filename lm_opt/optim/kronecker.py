@@ -21,25 +21,6 @@ from lm_opt.optim.owner import OwnerOptimizer
 from lm_opt.optim.state import check_args
 
 
-def check_hyperparameters(
-    lr: float,
-    betas: tuple[float, float],
-    shampoo_beta: float,
-    eps: float,
-    weight_decay: float,
-    precondition_frequency: int,
-    max_precond_dim: int,
-) -> None:
-    """Raise ``ValueError`` naming the first argument SOAP or Shampoo cannot use."""
-    check_args(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if not (shampoo_beta == -1 or 0.0 <= shampoo_beta < 1.0):
-        raise ValueError(f"Invalid shampoo_beta: {shampoo_beta} (must be -1 or in [0, 1))")
-    if not precondition_frequency >= 1:
-        raise ValueError(f"Invalid precondition_frequency: {precondition_frequency} (must be >= 1)")
-    if not max_precond_dim >= 1:
-        raise ValueError(f"Invalid max_precond_dim: {max_precond_dim} (must be >= 1)")
-
-
 def factor_beta(group: dict[str, Any]) -> float:
     """EMA coefficient of the factors: ``shampoo_beta``, or ``betas[1]`` if it is -1."""
     return group["betas"][1] if group["shampoo_beta"] < 0 else group["shampoo_beta"]
@@ -129,9 +110,13 @@ class KroneckerOptimizer(OwnerOptimizer):
         max_precond_dim: int,
         **defaults: Any,
     ) -> None:
-        check_hyperparameters(
-            lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency, max_precond_dim
-        )
+        check_args(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if not (shampoo_beta == -1 or 0.0 <= shampoo_beta < 1.0):
+            raise ValueError(f"Invalid shampoo_beta: {shampoo_beta} (must be -1 or in [0, 1))")
+        if not precondition_frequency >= 1:
+            raise ValueError(f"Invalid precondition_frequency: {precondition_frequency} (must be >= 1)")
+        if not max_precond_dim >= 1:
+            raise ValueError(f"Invalid max_precond_dim: {max_precond_dim} (must be >= 1)")
         super().__init__(
             params,
             dict(
