@@ -10,10 +10,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
-
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lm_opt.model import GPT, ModelConfig, lm_loss
 from lm_opt.parallel import shard
@@ -122,8 +121,8 @@ class LMModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Tokens seen derive from the step (batches have a fixed size): written straight to the
-        # logger at its logging steps, never copied to the device.
-        # Lightning writes step k's metrics at x = k - 1, so the points line up with train/loss.
+        # logger at its logging steps, never copied to the device. Lightning writes step k's
+        # metrics at x = k - 1, so the points line up with train/loss.
         step = self.global_step
         if self.logger and step != self.tokens_logged_at and step % self.trainer.log_every_n_steps == 0:
             self.logger.log_metrics({"train/tokens": step * self.tokens_per_step()}, step=step - 1)
