@@ -23,14 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lm_opt.optim.sharded import is_dtensor
+from lm_opt.optim.sharded import is_dtensor, shard_rows
 from lm_opt.optim.state import BaseOptimizer, state_dtype
-
-
-def shard_rows(rows: int, world: int) -> list[int]:
-    """Rows each of ``world`` ranks holds under ``Shard(0)``: chunks of ``ceil(rows / world)``."""
-    chunk = -(-rows // world)
-    return [max(0, min(chunk, rows - k * chunk)) for k in range(world)]
 
 
 def apply_update_(

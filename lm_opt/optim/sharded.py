@@ -46,11 +46,16 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def shard_rows(rows: int, world: int) -> list[int]:
+    """Rows each of ``world`` ranks holds under ``Shard(0)``: chunks of ``ceil(rows / world)``."""
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - k * chunk)) for k in range(world)]
+
+
 def row_offset(param: Tensor) -> int:
     """The global index of the first row that this rank holds of a dim-0 sharded ``param``."""
-    rows, mesh = param.shape[0], param.device_mesh
-    per_rank = -(-rows // mesh.size())
-    return min(mesh.get_local_rank() * per_rank, rows)
+    mesh = param.device_mesh
+    return sum(shard_rows(param.shape[0], mesh.size())[: mesh.get_local_rank()])
 
 
 def rows_like(param: Tensor, shard: Tensor) -> Tensor:
