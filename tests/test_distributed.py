@@ -74,6 +74,45 @@ def test_fsdp2_training_matches_one_process_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(c[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+# One route per sharding scheme, joined in one CompositeOptimizer: the owner scheme (Muon on the
+# hidden matrices), row/column statistics all-reduced (Adalayer on the last layer, Adafactor* on
+# the embedding and norms).
+EVERY_SCHEME = """\
+trainer:
+  callbacks:
+    - class_path: lm_opt.callbacks.OptimizerCallback
+      init_args:
+        optimizer: null
+        routes:
+          - roles: [matrix]
+            optimizer: {class_path: lm_opt.optim.Muon, init_args: {lr: 0.02, weight_decay: 0.1}}
+          - roles: [last_layer]
+            optimizer: {class_path: lm_opt.optim.Adalayer, init_args: {lr: 3.16e-3}}
+          - name: rest
+            optimizer: {class_path: lm_opt.optim.Adafactor, init_args: {lr: 3.16e-3}}
+"""
+
+
+def test_fsdp2_resume_continues_every_sharding_scheme_exactly(tmp_path):
+    """Through the command line and Lightning's gathered checkpoint: a run of the three schemes
+    stopped at step 2 and resumed ends, to rounding, where the uninterrupted run does."""
+    config = tmp_path / "every_scheme.yaml"
+    config.write_text(EVERY_SCHEME)
+    printed = run(*tiny_args(tmp_path, "whole", 4, *FSDP2, "--config", str(config)))
+    for scheme in ("route 'matrix': Muon on parameter shards: owner", "route 'last_layer': Adalayer on parameter "
+                   "shards: block statistics", "route 'rest': Adafactor on parameter shards: column statistics"):
+        assert scheme in printed
+    run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, "--config", str(config), *stop_at(2)))
+    run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, "--config", str(config), "--ckpt_path", "last"))
+    whole, resumed = summary(tmp_path / "whole"), summary(tmp_path / "resumed")
+    assert whole["status"] == resumed["status"] == "finished"
+    assert resumed["final_val_loss"] == pytest.approx(whole["final_val_loss"], rel=1e-6)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
     run(*tiny_args(tmp_path, "train", 2))
     ckpt = str(tmp_path / "train" / "checkpoints" / "last.ckpt")
@@ -155,18 +194,17 @@ def test_every_optimizer_gives_the_same_result_under_ddp_as_on_one_process(tmp_p
 
 
 def shardable(config: Path) -> bool:
-    """Whether every route's optimizer of a config updates FSDP2 shards on the ranks that hold
-    them. SOAP and Shampoo gather whole matrices to an owner rank instead; on the tiny model
-    their 8192-wide factors make this comparison take many minutes, and on shards the clipping
-    norm's summation order alone can turn an eigenbasis of a singular factor around:
+    """Whether a config is compared here: all but SOAP and Shampoo. On the tiny model their
+    8192-wide factors make this comparison take many minutes, and on shards the clipping norm's
+    summation order alone can turn an eigenbasis of a singular factor around:
     tests/optim/test_sharded_preconditioners.py compares them on models sized for that."""
     import yaml
 
     from lm_opt.callbacks.optimizer import OptimizerCallback, sharding_obstacle
-    from lm_opt.optim.owner import OwnerOptimizer
+    from lm_opt.optim.kronecker import KroneckerOptimizer
 
     callback = OptimizerCallback(**yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"])
-    return not any(sharding_obstacle(cls) or issubclass(cls, OwnerOptimizer) for cls in callback.classes)
+    return not any(sharding_obstacle(cls) or issubclass(cls, KroneckerOptimizer) for cls in callback.classes)
 
 
 SHARDABLE_CONFIGS = [c for c in OPTIM_CONFIGS if shardable(c)]
@@ -202,7 +240,7 @@ def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_p
     wrong statistic moves most entries by the update's size.
     """
     assert {c.stem for c in SHARDABLE_CONFIGS} >= {"adamw", "lion", "signum", "sgd", "schedule_free", "adafactor",
-                                                    "adalayer", "adam_mini", "sgd_adalayer_last_norm"}
+                                                    "adalayer", "adam_mini", "sgd_adalayer_last_norm", "muon"}
     from lm_opt.model import GPT, ModelConfig
 
     torch.multiprocessing.spawn(fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)

@@ -22,7 +22,10 @@ from lm_opt.model import GPT, ROLES
 from lm_opt.optim.composite import CompositeOptimizer
 
 # torch's optimizers whose statistics span whole tensors (lm_opt's all run on FSDP2 shards).
-WHOLE_TENSOR = {torch.optim.Muon: "its Newton-Schulz orthogonalization needs the whole matrix"}
+WHOLE_TENSOR = {
+    torch.optim.Muon: "its Newton-Schulz orthogonalization needs the whole matrix and it updates parameters "
+    "in place; lm_opt.optim.Muon computes the same update on shards",
+}
 
 
 def sharding_obstacle(cls: type) -> str | None:
@@ -161,7 +164,7 @@ class OptimizerCallback(L.Callback):
                 if reason := sharding_obstacle(cls):
                     raise UserError(f"route {route.name!r}: {cls.__name__} cannot run under "
                                     f"{type(trainer.strategy).__name__}, which shards parameters: {reason}; "
-                                    "use strategy: ddp, or an elementwise optimizer (AdamW, SGD, Lion, Signum, ...)")
+                                    "use strategy: ddp, or an lm_opt.optim optimizer")
                 rank_zero_info(f"route {route.name!r}: {cls.__name__} on parameter shards: {sharding_scheme(cls)}")
         pl_module.optimizer_factory = self.build
         pl_module.schedule_hold_steps = self.hold_steps

@@ -1,6 +1,7 @@
 """The optimizers of the study and of SOAP, and the ones a researcher tries next.
 
-`torch.optim.AdamW`, `torch.optim.SGD` and `torch.optim.Muon` are used as they are; YAML
+`torch.optim.AdamW` and `torch.optim.SGD` are used as they are (`lm_opt.optim.Muon` is
+`torch.optim.Muon`'s arithmetic, on FSDP2 shards too); YAML
 names any optimizer by `class_path` (e.g. `lm_opt.optim.Lion`, `torch.optim.AdamW`).
 """
 
@@ -10,6 +11,7 @@ from lm_opt.optim.adam_mini import AdamMini
 from lm_opt.optim.composite import CompositeOptimizer
 from lm_opt.optim.ema_sgd import EMASGD
 from lm_opt.optim.lion import Lion
+from lm_opt.optim.muon import Muon
 from lm_opt.optim.schedule_free import ScheduleFreeAdamW
 from lm_opt.optim.shampoo import Shampoo
 from lm_opt.optim.signum import Signum
@@ -23,6 +25,7 @@ __all__ = [
     "AdamMini",
     "CompositeOptimizer",
     "Lion",
+    "Muon",
     "ScheduleFreeAdamW",
     "Shampoo",
     "Signum",

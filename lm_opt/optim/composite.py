@@ -1,6 +1,7 @@
 """Several optimizers behind one `torch.optim.Optimizer`, for per-group routing."""
 
 from collections.abc import Iterator, MutableMapping
+from itertools import chain
 from typing import Any
 
 import torch
@@ -62,15 +63,33 @@ class CompositeOptimizer(Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+        """torch's layout over every route: ``state`` and ``param_groups`` with the parameters
+        numbered across the inner optimizers in order, as ``param_groups`` lists them, so that
+        ``torch.distributed.checkpoint`` names each state by its parameter (FSDP2 checkpoints)."""
+        state, groups = {}, []
+        for opt in self.optimizers:
+            inner = opt.state_dict()
+            offset = sum(len(g["params"]) for g in groups)
+            saved_ids = chain.from_iterable(g["params"] for g in inner["param_groups"])
+            number = {k: offset + i for i, k in enumerate(saved_ids)}
+            state.update({number[k]: v for k, v in inner["state"].items()})
+            groups += [{**g, "params": [number[k] for k in g["params"]]} for g in inner["param_groups"]]
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        inner = state_dict.get("optimizers")
-        if inner is None or len(inner) != len(self.optimizers):
-            found = "no composite state" if inner is None else f"{len(inner)} optimizers"
-            raise ValueError(f"checkpoint optimizer state has {found}; this run routes to {len(self.optimizers)}")
-        for opt, sd in zip(self.optimizers, inner):
-            opt.load_state_dict(sd)
+        """Load :meth:`state_dict`'s layout, whatever its keys (``torch.distributed.checkpoint``
+        passes parameter names): the first groups go to the first route's optimizer, and so on."""
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"checkpoint optimizer state has {len(groups)} param groups; "
+                             f"this run's routes have {len(self.param_groups)}")
+        start = 0
+        for opt in self.optimizers:
+            mine = groups[start:start + len(opt.param_groups)]
+            start += len(mine)
+            keys = set(chain.from_iterable(g["params"] for g in mine))
+            opt.load_state_dict({"state": {k: v for k, v in state_dict["state"].items() if k in keys},
+                                 "param_groups": mine})
         # torch's load_state_dict gives each inner optimizer new group dicts: share them again,
         # or an LR scheduler would keep writing into the old ones.
         self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]

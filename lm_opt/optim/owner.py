@@ -28,15 +28,19 @@ from lm_opt.optim.state import BaseOptimizer, state_dtype
 
 
 def apply_update_(
-    param: Tensor, update: Tensor, step_size: float, lr: float, weight_decay: float
+    param: Tensor, update: Tensor, step_size: float, lr: float, weight_decay: float, decay_first: bool
 ) -> None:
     """``p <- (p - step_size * update) * (1 - lr * weight_decay)``, computed in ``update``'s dtype.
 
-    Weight decay comes after the step, as in the SOAP reference code.
+    Weight decay comes after the step, as in the SOAP reference code, or where
+    ``decay_first`` before it, as ``torch.optim.Muon`` applies it:
+    ``p <- p * (1 - lr * weight_decay) - step_size * update``.
     """
     work = param.to(update.dtype)
+    if decay_first and weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
     work.add_(update, alpha=-step_size)
-    if weight_decay != 0:
+    if not decay_first and weight_decay != 0:
         work.mul_(1 - lr * weight_decay)
     if work is not param:
         param.copy_(work)
@@ -95,6 +99,8 @@ class OwnerOptimizer(BaseOptimizer):
     sharding_scheme = "owner: whole gradient gathered to one rank per tensor, update scattered"
     first_step_updates = True
     """False where the first step only builds state (SOAP): non-owners then skip it too."""
+    decay_first = False
+    """Whether weight decay scales the parameter before the update (Muon) or after (SOAP)."""
 
     def _direction(
         self, state: dict[str, Any], grad: Tensor, group: dict[str, Any]
@@ -134,7 +140,7 @@ class OwnerOptimizer(BaseOptimizer):
             if not is_dtensor(p):
                 direction = self._direction(self.state[p], p.grad.to(state_dtype(p)), group)
                 if direction is not None:
-                    apply_update_(p, *direction, group["lr"], group["weight_decay"])
+                    apply_update_(p, *direction, group["lr"], group["weight_decay"], self.decay_first)
         sharded = [p for p in params if is_dtensor(p)]
         if sharded:
             self._owner_step(group, sharded)
@@ -180,7 +186,7 @@ class OwnerOptimizer(BaseOptimizer):
         for ids, (*pieces, sizes) in zip(moved, received):
             for i, update, step_size in zip(ids, pieces, sizes.tolist()):
                 local = params[i].to_local()
-                apply_update_(local, update, step_size, group["lr"], group["weight_decay"])
+                apply_update_(local, update, step_size, group["lr"], group["weight_decay"], self.decay_first)
 
     def state_dict(self) -> dict[str, Any]:
         """The state dict, with every sharded parameter's state from its owner (a collective)."""

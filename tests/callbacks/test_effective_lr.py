@@ -22,10 +22,10 @@ def test_logged_quantiles_equal_a_direct_computation_from_state(tmp_path, optimi
                    "--eff_lr.every_n_steps", "3"))
     checkpoint = torch.load(tmp_path / optimizer / "checkpoints" / "last.ckpt", weights_only=False)
     optimizer_state = checkpoint["optimizer_states"][0]
-    groups = optimizer_state.get("optimizers", [optimizer_state])[0]["param_groups"]
+    groups = optimizer_state["param_groups"]
     group = next(g for g in groups if name in g["param_names"])
     index = group["params"][group["param_names"].index(name)]
-    state = optimizer_state.get("optimizers", [optimizer_state])[0]["state"][index]
+    state = optimizer_state["state"][index]
     eff = direct_effective_lr(state, group)
     if optimizer == "adalayer":
         assert eff.shape == (checkpoint["state_dict"]["model.lm_head.weight"].shape[0],), "one value per logit"

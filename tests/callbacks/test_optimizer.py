@@ -111,6 +111,29 @@ def test_composite_state_dict_round_trip_continues_bit_for_bit():
                                       [g for opt in resumed_optimizer.optimizers for g in opt.param_groups]))
 
 
+def test_composite_state_is_named_by_parameter_in_torch_distributed_checkpoints():
+    """`torch.distributed.checkpoint`, which Lightning's FSDP2 strategy uses, reads the composite's
+    state as torch's layout: every parameter's state under its name, whichever route holds it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    callback = callback_from("sgd_adalayer_last_norm.yaml")
+    model = tiny_model()
+    uninterrupted = train(model, callback.build(model), range(6))
+
+    first = tiny_model()
+    optimizer = callback.build(first)
+    train(first, optimizer, range(3))
+    saved = get_optimizer_state_dict(first, optimizer)
+    assert set(saved["state"]) == {n for n, _ in first.named_parameters()}
+    assert "exp_avg_sq" in saved["state"]["lm_head.weight"]  # Adalayer's
+    assert set(saved["state"]["wte.weight"]) == {"exp_avg", "step"}  # EMASGD's
+    second = tiny_model(seed=1)
+    second.load_state_dict(first.state_dict())
+    resumed_optimizer = callback.build(second)
+    set_optimizer_state_dict(second, resumed_optimizer, saved)
+    assert train(second, resumed_optimizer, range(3, 6)) == uninterrupted[3:]
+
+
 def test_frozen_adalayer_keeps_body_v_and_adapts_last_layer_and_norm_v():
     config = yaml.safe_load((CONFIGS / "frozen_adalayer.yaml").read_text())["trainer"]["callbacks"][0]["init_args"]
     for route in config["routes"]:
@@ -133,10 +156,11 @@ def test_frozen_adalayer_keeps_body_v_and_adapts_last_layer_and_norm_v():
 
 def test_only_torch_muon_is_known_not_to_shard():
     from lm_opt.callbacks.optimizer import sharding_obstacle, sharding_scheme
-    from lm_opt.optim import SOAP, Adafactor, AdamMini, Lion, Shampoo, Signum
+    from lm_opt.optim import SOAP, Adafactor, AdamMini, Lion, Muon, Shampoo, Signum
 
-    assert sharding_obstacle(torch.optim.Muon)
-    shardable = (torch.optim.AdamW, torch.optim.SGD, Lion, Signum, EMASGD, Adalayer, Adafactor, AdamMini, SOAP, Shampoo)
+    assert "lm_opt.optim.Muon" in sharding_obstacle(torch.optim.Muon)
+    shardable = (torch.optim.AdamW, torch.optim.SGD, Lion, Signum, EMASGD, Adalayer, Adafactor, AdamMini, SOAP, Shampoo,
+                 Muon)
     assert not any(sharding_obstacle(c) for c in shardable)
     assert "all-reduce" in sharding_scheme(Adafactor) and "elementwise" in sharding_scheme(Lion)
-    assert "owner" in sharding_scheme(SOAP) and "owner" in sharding_scheme(Shampoo)
+    assert all("owner" in sharding_scheme(c) for c in (SOAP, Shampoo, Muon))

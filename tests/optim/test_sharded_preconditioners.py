@@ -1,4 +1,4 @@
-"""SOAP and Shampoo on FSDP2 shards (the owner scheme) against one process, on CPU gloo ranks."""
+"""SOAP, Shampoo and Muon on FSDP2 shards (the owner scheme) against one process, on CPU gloo ranks."""
 
 import contextlib
 from pathlib import Path
@@ -8,19 +8,26 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lm_opt.optim import SOAP, Shampoo
+from lm_opt.optim import SOAP, Muon, Shampoo
 
 pytestmark = pytest.mark.slow
 
 STEPS, RESUME_AT = 5, 3
 # precondition_frequency 2: SOAP refreshes its bases after updates 2 and 4, Shampoo recomputes
 # its roots at steps 1, 3 and 5. Weight decay on, so that SOAP's skipped first step shows.
+# Muon takes the matrices only, and applies its weight decay before the update.
 OPTIMIZERS = {
     "soap": lambda params, max_precond_dim: SOAP(params, lr=3e-3, weight_decay=0.1, precondition_frequency=2,
                                                  max_precond_dim=max_precond_dim),
     "shampoo": lambda params, max_precond_dim: Shampoo(params, lr=3e-3, weight_decay=0.1, precondition_frequency=2,
                                                        max_precond_dim=max_precond_dim),
+    "muon": lambda params, max_precond_dim: Muon(params, lr=0.02, weight_decay=0.1),
 }
+
+
+def taken(name: str, params) -> list:
+    """The parameters the optimizer takes: Muon the matrices, the others every tensor."""
+    return [p for p in params if name != "muon" or p.dim() == 2]
 
 
 def make_optimizer(name: str, params, world: int) -> torch.optim.Optimizer:
@@ -32,7 +39,7 @@ def make_optimizer(name: str, params, world: int) -> torch.optim.Optimizer:
     its rotation) turns any last-bit difference of the gradient into a different step.
     """
     max_precond_dim = 10000 if world == 2 or name == "shampoo" else CONFIG["n_embd"]
-    return OPTIMIZERS[name](params, max_precond_dim)
+    return OPTIMIZERS[name](taken(name, params), max_precond_dim)
 
 
 def dtype(world: int) -> torch.dtype:
@@ -144,14 +151,14 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             sent.append(count[0])
         total = torch.tensor(sent)
         dist.all_reduce(total)
-        for k, p in enumerate(model.parameters()):  # the state lives on the owner alone
+        for k, p in enumerate(taken(name, model.parameters())):  # the state lives on the owner alone
             assert (set(optimizer.state[p]) == {"owner"}) == (k % world != rank), (name, k, rank)
         results[name] = {"params": full_params(model), "sent": total.tolist()}
         if world == 2:
             results[name]["resumed"] = resume(name, world, rank, out)
 
         mesh = model.wte.weight.device_mesh
-        loose = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(0)])) for t in loose_tensors()]
+        loose = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(0)])) for t in taken(name, loose_tensors())]
         optimizer = make_optimizer(name, loose, world)
         for step in range(STEPS):
             for p in loose:
@@ -168,7 +175,7 @@ def reference(name: str, world: int) -> dict:
     torch.set_num_threads(1)
     model = make_model(world, sharded=False)
     train(model, make_optimizer(name, model.parameters(), world), range(STEPS), world)
-    loose = [torch.nn.Parameter(t) for t in loose_tensors()]
+    loose = [torch.nn.Parameter(t) for t in taken(name, loose_tensors())]
     optimizer = make_optimizer(name, loose, world)
     for step in range(STEPS):
         for p in loose:
@@ -181,7 +188,7 @@ def expected_sent(name: str, world: int) -> list[int]:
     """The docstrings' figure, per step: every tensor gathered to its owner (round-robin in
     parameter order) but the owner's own ``torch.chunk`` rows, and as many sent back with the
     step size to each other rank."""
-    shapes = [p.shape for p in make_model(world, sharded=False).parameters()]
+    shapes = [p.shape for p in taken(name, make_model(world, sharded=False).parameters())]
     gathered = 0
     for k, shape in enumerate(shapes):
         chunks = torch.arange(shape[0]).chunk(world)
@@ -217,8 +224,8 @@ def test_elements_communicated_per_step_are_the_docstring_figure(sharded_run, na
     world, results = sharded_run
     assert results[name]["sent"] == expected_sent(name, world)
     if world == 2:  # every dim 0 divides by 2: (W - 1) r c / W each way
-        numel = sum(p.numel() for p in make_model(world, sharded=False).parameters())
-        n_params = len(list(make_model(world, sharded=False).parameters()))
+        params = taken(name, make_model(world, sharded=False).parameters())
+        numel, n_params = sum(p.numel() for p in params), len(params)
         assert results[name]["sent"][1] == 2 * (world - 1) * numel // world + n_params * (world - 1)
 
 
