@@ -20,7 +20,9 @@ from torch.optim import Optimizer
 
 from benchmarks.optim_step import matrices, routed
 from lm_opt.model import GPT, ModelConfig
-from lm_opt.optim import EMASGD, SOAP, Adafactor, Adalayer, AdamMini, Lion, ScheduleFreeAdamW, Shampoo, Signum
+from lm_opt.optim import (
+    EMASGD, SOAP, Adafactor, Adalayer, AdamMini, Lion, Muon, ScheduleFreeAdamW, Shampoo, Signum,
+)
 from lm_opt.optim.adalayer import num_blocks
 
 MAX_PRECOND_DIM = 10000  # SOAP's and Shampoo's default
@@ -68,7 +70,7 @@ def cases(model: GPT) -> dict[str, tuple[Callable[[], Optimizer], Callable[[Tens
         "ScheduleFreeAdamW": (lambda: ScheduleFreeAdamW(params), lambda p, g: 2 * p.numel(), "8"),
         "SOAP": (lambda: SOAP(params), lambda p, g: kronecker_numbers(tuple(p.shape)), "more than 8"),
         "Shampoo": (lambda: Shampoo(params), lambda p, g: kronecker_numbers(tuple(p.shape)), "more than 8"),
-        "Muon (matrices)": (lambda: torch.optim.Muon(matrices(model)), lambda p, g: p.numel(), "4"),
+        "Muon (matrices)": (lambda: Muon(matrices(model)), lambda p, g: p.numel(), "4"),
     }
 
 

@@ -26,7 +26,9 @@ from torch.optim import Optimizer
 
 from lm_opt.callbacks.optimizer import Route, param_groups
 from lm_opt.model import GPT, ModelConfig
-from lm_opt.optim import EMASGD, SOAP, Adafactor, Adalayer, AdamMini, Lion, ScheduleFreeAdamW, Shampoo, Signum
+from lm_opt.optim import (
+    EMASGD, SOAP, Adafactor, Adalayer, AdamMini, Lion, Muon, ScheduleFreeAdamW, Shampoo, Signum,
+)
 
 FREQUENCY = 10  # precondition_frequency of SOAP and Shampoo
 REFERENCE = "AdamW (fused)"  # the row the first table's ratios divide by
@@ -85,7 +87,7 @@ def kronecker_optimizers() -> dict[str, Factory]:
         "AdamW": lambda ps: torch.optim.AdamW(ps, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0, foreach=True),
         "SOAP": lambda ps: SOAP(ps, weight_decay=0.0, precondition_frequency=FREQUENCY),
         "Shampoo": lambda ps: Shampoo(ps, precondition_frequency=FREQUENCY),
-        "Muon": lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.0),
+        "Muon": lambda ps: Muon(ps, lr=0.02, weight_decay=0.0),
     }
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.optim_step import routed
+from benchmarks.optim_step import matrices, routed
 from lm_opt.model import GPT, ModelConfig
-from lm_opt.optim import SOAP, Adafactor, Adalayer, AdamMini, Lion, Shampoo, Signum
+from lm_opt.optim import SOAP, Adafactor, Adalayer, AdamMini, Lion, Muon, Shampoo, Signum
 
 OPTIMIZERS = {
     "AdamW": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True),
@@ -33,6 +33,7 @@ OPTIMIZERS = {
     "AdamMini": lambda model: AdamMini(routed(model, AdamMini), lr=1e-3),
     "SOAP": lambda model: SOAP(model.parameters(), lr=1e-3, precondition_frequency=10, max_precond_dim=1024),
     "Shampoo": lambda model: Shampoo(model.parameters(), lr=1e-3, precondition_frequency=10, max_precond_dim=1024),
+    "Muon": lambda model: Muon(matrices(model), lr=0.02),  # the hidden matrices only
 }
 
 

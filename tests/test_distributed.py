@@ -130,14 +130,14 @@ OPTIM_CONFIGS = sorted((ROOT / "configs" / "optim").glob("*.yaml"))
 
 
 def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 3,
-                 sharded: bool = False) -> dict[str, torch.Tensor]:
+                 sharded: bool = False, clip: bool = True) -> dict[str, torch.Tensor]:
     """A few steps of the tiny model with the config's optimizer on a global batch of two halves.
 
     Under DDP rank r computes the gradient of half r and DDP averages them: g0/2 + g1/2. Alone,
     the process accumulates the two halves with their losses halved: the same sums, in the same
     order, so the results must agree to the bit, whatever the optimizer does with them. Under
     FSDP2 (`sharded`) each rank updates its dim-0 shard of every parameter and returns the
-    gathered full tensors.
+    gathered full tensors. `clip` clips the gradients' global norm to 1.
     """
     import yaml
     from torch.distributed.device_mesh import init_device_mesh
@@ -164,7 +164,8 @@ def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 
             part = tokens[2 * half:2 * half + 2]
             ce, z = lm_loss(forward(part[:, :-1]), part[:, 1:], model.config.z_loss)
             ((ce + z) / len(halves)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     full = (p.full_tensor() if sharded else p for p in model.parameters())
     return {n: p.detach().clone() for (n, _), p in zip(model.named_parameters(), full)}
@@ -223,21 +224,35 @@ def fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     # MFU counts the whole model's FLOPs on every rank, not those of the local shards.
     assert model.flops_per_token(128) == unsharded
     for config in SHARDABLE_CONFIGS:
-        params = train_routed(config, rank, world_size=2, sharded=True)
+        params = train_routed(config, rank, world_size=2, sharded=True, clip=False)
         if rank == 0:
             torch.save(params, Path(out_dir) / f"{config.stem}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_process(tmp_path):
-    """Sharded updates of the same averaged gradients: equal up to float32 reduction order.
+def exchanges_statistics(config: Path) -> bool:
+    """Whether a route's optimizer all-reduces statistics summed from each rank's rows."""
+    import yaml
 
-    Reduce-scatter sums the two halves' gradients in another order than accumulation does;
-    adaptive optimizers divide near-zero gradients by near-zero second moments, which turns
-    that rounding into differences of up to about 1e-3 of how far a tensor moved, and sign-based
-    steps (Lion, Signum) flip a coordinate whose momentum is within rounding of zero. So updates
-    are compared at that scale, per tensor, and at most 1 entry in 1e5 may differ beyond it: a
-    wrong statistic moves most entries by the update's size.
+    from lm_opt.callbacks.optimizer import OptimizerCallback
+    from lm_opt.optim.owner import OwnerOptimizer
+
+    callback = OptimizerCallback(**yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"])
+    return any(getattr(cls, "sharding_scheme", None) and not issubclass(cls, OwnerOptimizer)
+               for cls in callback.classes)
+
+
+def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_process(tmp_path):
+    """Sharded updates of the same averaged gradients, 3 steps, without clipping.
+
+    On 2 ranks FSDP2's averaged gradient is one process's to the bit, so elementwise optimizers
+    and Muon (whose owner gathers the whole gradient) must give identical parameters. Optimizers
+    that all-reduce statistics summed from each rank's rows add in another order than one
+    process: they may differ by float32 rounding, at most 1e-5 of how far a tensor moved
+    (measured: below 8e-6). Clipping is left out because the global norm of sharded gradients
+    is summed in another order too: one last bit of the clip factor turns Muon's bfloat16
+    Newton-Schulz iterate to another rounding, up to 15% of a step apart after one step
+    (measured); clipping under FSDP2 is covered by the command-line test above.
     """
     assert {c.stem for c in SHARDABLE_CONFIGS} >= {"adamw", "lion", "signum", "sgd", "schedule_free", "adafactor",
                                                     "adalayer", "adam_mini", "sgd_adalayer_last_norm", "muon"}
@@ -247,10 +262,12 @@ def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_p
     torch.manual_seed(0)
     initial = dict(GPT(ModelConfig.from_name("tiny", n_layer=1)).named_parameters())
     for config in SHARDABLE_CONFIGS:
-        single = train_routed(config)
+        single = train_routed(config, clip=False)
         sharded = torch.load(tmp_path / f"{config.stem}.pt")
         for name, value in single.items():
-            moved = (value - initial[name]).abs().max()
-            off = (sharded[name] - value).abs() > 1e-5 * value.abs() + 1e-3 * moved
-            assert off.sum() <= value.numel() // 100_000, \
-                f"{config.stem}: {int(off.sum())} of {value.numel()} entries of {name} differ under FSDP2"
+            if exchanges_statistics(config):
+                moved = (value - initial[name]).abs().max().item()
+                torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5 * moved,
+                                           msg=lambda m: f"{config.stem}: {name} differs under FSDP2: {m}")
+            else:
+                assert torch.equal(sharded[name], value), f"{config.stem}: {name} differs under FSDP2"
