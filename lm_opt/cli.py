@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from lm_opt.callbacks.divergence import Diverged, DivergenceStop
@@ -237,5 +238,6 @@ def main(args: list[str] | None = None) -> None:
     except (UserError, MisconfigurationException) as err:
         if debug_mode():
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # every process of a multi-process run raises the same error
+            print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -113,6 +113,22 @@ def test_fsdp2_resume_continues_every_sharding_scheme_exactly(tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_torch_muon_under_fsdp2_is_refused_before_training_naming_lm_opt_muon(tmp_path):
+    """torch.optim.Muon updates whole tensors in place: one error line from the two processes."""
+    config = tmp_path / "torch_muon.yaml"
+    config.write_text((ROOT / "configs" / "optim" / "muon.yaml").read_text().replace("lm_opt.optim.Muon",
+                                                                                     "torch.optim.Muon"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    result = subprocess.run([sys.executable, "-m", "lm_opt", *tiny_args(tmp_path, "muon", 4, *FSDP2, "--config",
+                                                                        str(config))],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "route 'matrix': Muon cannot run under FSDP2Strategy" in errors[0] and "lm_opt.optim.Muon" in errors[0]
+    assert not (tmp_path / "muon" / "checkpoints").exists()
+
+
 def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
     run(*tiny_args(tmp_path, "train", 2))
     ckpt = str(tmp_path / "train" / "checkpoints" / "last.ckpt")
