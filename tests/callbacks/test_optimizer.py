@@ -94,7 +94,10 @@ def train(model: GPT, optimizer: torch.optim.Optimizer, steps: range) -> list[fl
     return losses
 
 
-def test_composite_state_dict_round_trip_continues_bit_for_bit():
+def resume_routed(save, load):
+    """The study's SGD + Adalayer routing, stopped after 3 of 6 steps: ``save(model, optimizer)``
+    gives its optimizer state, ``load(model, optimizer, saved)`` puts it into a fresh model's; the
+    resumed run must continue bit for bit. Returns the saved state and the resumed optimizer."""
     callback = callback_from("sgd_adalayer_last_norm.yaml")
     model = tiny_model()
     uninterrupted = train(model, callback.build(model), range(6))
@@ -102,11 +105,18 @@ def test_composite_state_dict_round_trip_continues_bit_for_bit():
     first = tiny_model()
     optimizer = callback.build(first)
     train(first, optimizer, range(3))
+    saved = save(first, optimizer)
     second = tiny_model(seed=1)
     second.load_state_dict(first.state_dict())
     resumed_optimizer = callback.build(second)
-    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    load(second, resumed_optimizer, saved)
     assert train(second, resumed_optimizer, range(3, 6)) == uninterrupted[3:]
+    return saved, resumed_optimizer
+
+
+def test_composite_state_dict_round_trip_continues_bit_for_bit():
+    _, resumed_optimizer = resume_routed(lambda model, opt: opt.state_dict(),
+                                         lambda model, opt, saved: opt.load_state_dict(saved))
     assert all(a is b for a, b in zip(resumed_optimizer.param_groups,
                                       [g for opt in resumed_optimizer.optimizers for g in opt.param_groups]))
 
@@ -116,22 +126,10 @@ def test_composite_state_is_named_by_parameter_in_torch_distributed_checkpoints(
     state as torch's layout: every parameter's state under its name, whichever route holds it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    callback = callback_from("sgd_adalayer_last_norm.yaml")
-    model = tiny_model()
-    uninterrupted = train(model, callback.build(model), range(6))
-
-    first = tiny_model()
-    optimizer = callback.build(first)
-    train(first, optimizer, range(3))
-    saved = get_optimizer_state_dict(first, optimizer)
-    assert set(saved["state"]) == {n for n, _ in first.named_parameters()}
+    saved, _ = resume_routed(get_optimizer_state_dict, set_optimizer_state_dict)
+    assert set(saved["state"]) == {n for n, _ in tiny_model().named_parameters()}
     assert "exp_avg_sq" in saved["state"]["lm_head.weight"]  # Adalayer's
     assert set(saved["state"]["wte.weight"]) == {"exp_avg", "step"}  # EMASGD's
-    second = tiny_model(seed=1)
-    second.load_state_dict(first.state_dict())
-    resumed_optimizer = callback.build(second)
-    set_optimizer_state_dict(second, resumed_optimizer, saved)
-    assert train(second, resumed_optimizer, range(3, 6)) == uninterrupted[3:]
 
 
 def test_frozen_adalayer_keeps_body_v_and_adapts_last_layer_and_norm_v():
