@@ -45,17 +45,31 @@ def update_factors_(factors: list[Tensor | None], grad: Tensor, beta: float) -> 
         factor.lerp_(torch.tensordot(grad, grad, dims=(others, others)), 1 - beta)
 
 
-def eigh_with_fallback(mat: Tensor) -> tuple[Tensor, Tensor]:
-    """Ascending eigenvalues and eigenvectors of a symmetric matrix.
+EIGH_SHIFT = 1e-30
+"""Added to the diagonal before ``eigh``, as the SOAP reference code does."""
 
-    ``eigh`` in float32 can fail to converge on ill-conditioned statistics (notably with
-    cuSOLVER); such a matrix is decomposed again in float64 and cast back.
+
+def eigh_with_fallback(mat: Tensor) -> tuple[Tensor, Tensor]:
+    """Ascending eigenvalues and eigenvectors of a symmetric PSD statistic, ``mat + 1e-30 I``'s.
+
+    A rank-deficient gradient makes a singular statistic: the rows of embedding tokens absent
+    from every batch so far are exactly zero, and all of it is for a parameter unused so far.
+    Float32 ``eigh`` (MKL's on the CPU, cuSOLVER's) then can return NaN vectors or fail to
+    converge. The shift leaves no exactly zero row, and with it MKL's float32 ``eigh`` is finite
+    on such statistics and SOAP takes the reference code's basis; in float32 it changes no
+    entry above 1e-22, in whose rounding it is lost. A decomposition that still raises or is
+    not finite is redone in float64 and cast back.
     """
-    try:
-        return torch.linalg.eigh(mat)
-    except RuntimeError:
-        vals, vecs = torch.linalg.eigh(mat.double())
-        return vals.to(mat.dtype), vecs.to(mat.dtype)
+    eye = torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
+    for dtype in dict.fromkeys((mat.dtype, torch.float64)):
+        try:
+            vals, vecs = torch.linalg.eigh(mat.to(dtype) + EIGH_SHIFT * eye.to(dtype))
+        except RuntimeError:
+            continue
+        if vals.isfinite().all() and vecs.isfinite().all():
+            return vals.to(mat.dtype), vecs.to(mat.dtype)
+    finite = "finite" if mat.isfinite().all() else "non-finite"
+    raise RuntimeError(f"eigh failed on a {finite} {tuple(mat.shape)} statistic in {mat.dtype} and float64")
 
 
 def eigenbasis(mat: Tensor) -> Tensor:
