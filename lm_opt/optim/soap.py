@@ -94,7 +94,9 @@ class SOAP(KroneckerOptimizer):
     :math:`M` and :math:`V` live in the eigenbasis. The first step only sets up
     :math:`L, R` and takes :math:`Q_L, Q_R` from ``eigh`` (descending eigenvalues), so
     the parameter moves from the second step on and no gradient is ever projected
-    with a basis it built. Every ``precondition_frequency`` steps each basis is
+    with a basis it built. A singular factor (the rows of tokens absent from the batch)
+    is decomposed as :math:`L + 10^{-30} I`, in float64 if float32 fails, as the
+    reference code does (:func:`~lm_opt.optim.kronecker.eigh_with_fallback`). Every ``precondition_frequency`` steps each basis is
     refreshed by one power iteration :math:`Q \leftarrow \mathrm{QR}(L Q)`, its columns
     first sorted by the estimate :math:`\mathrm{diag}(Q^\top L Q)` and :math:`V`
     permuted to match; :math:`M` is carried from the old basis into the new one.
