@@ -66,8 +66,9 @@ class Shampoo(KroneckerOptimizer):
     with bias-corrected :math:`\hat M, \hat V`, :math:`\beta_s` = ``shampoo_beta``
     (``betas[1]`` when -1), :math:`f` = ``precondition_frequency`` and :math:`e` =
     ``exponent``. The inverse roots come from an ``eigh`` of each factor, finite for a
-    singular one too (:func:`~lm_opt.optim.kronecker.eigh_with_fallback`). Grafting (Agarwal et al. 2020) takes Shampoo's direction and Adam's
-    per-tensor step size; ``grafting="none"`` applies :math:`\eta_t D` as it is.
+    singular one too (:func:`~lm_opt.optim.kronecker.eigh_with_fallback`). Grafting
+    (Agarwal et al. 2020) takes Shampoo's direction and Adam's per-tensor step size;
+    ``grafting="none"`` applies :math:`\eta_t D` as it is.
 
     The exponent: -1/4 (default) is classic Shampoo for matrices, :math:`L^{-1/4} G
     R^{-1/4}`; -1/2 is the "Shampoo^2" of the SOAP paper, whose eigenbasis SOAP runs
