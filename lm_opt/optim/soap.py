@@ -99,7 +99,8 @@ class SOAP(KroneckerOptimizer):
     reference code does (:func:`~lm_opt.optim.kronecker.eigh_with_fallback`). Every
     ``precondition_frequency`` steps each basis is refreshed by one power iteration
     :math:`Q \leftarrow \mathrm{QR}(L Q)`, its columns first sorted by the estimate
-    :math:`\mathrm{diag}(Q^\top L Q)` and :math:`V` permuted to match; :math:`M` is carried from the old basis into the new one.
+    :math:`\mathrm{diag}(Q^\top L Q)` and :math:`V` permuted to match; :math:`M` is
+    carried from the old basis into the new one.
 
     Tensors of any order get one factor per dim; a dim larger than
     ``max_precond_dim`` is not rotated. 1-D tensors are plain Adam (with the same
