@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lm_opt.callbacks.checkpoint import Checkpoint, end_of_step
 
@@ -19,9 +20,10 @@ class Preempted(SIGTERMException):
     """The run stopped on a signal after saving its step: `summary.json` says `interrupted`, and the
     process exits with status 128 + the signal's number, as a shell reports a signalled process."""
 
-    def __init__(self, signum: int, step: int, requeued: bool):
+    def __init__(self, signum: int, step: int, saved: bool, requeued: bool):
         super().__init__(128 + signum)
-        self.message = (f"{signal.Signals(signum).name} at step {step}: saved checkpoints/last.ckpt"
+        self.message = (f"{signal.Signals(signum).name} at step {step}: "
+                        + ("saved checkpoints/last.ckpt" if saved else "no checkpoint (checkpointing is off)")
                         + ("; Slurm job requeued" if requeued else ""))
 
     def __str__(self) -> str:
@@ -69,8 +71,7 @@ class Preemption(L.Callback):
             trainer._accelerator_connector.cluster_environment.auto_requeue = True
 
     def handle(self, signum: int, frame) -> None:
-        log.info("received %s: stopping after this step, with a checkpoint of it", signal.Signals(signum).name)
-        self.received = self.received or signum
+        self.received = self.received or signum  # no more here: a handler runs between any two bytecodes
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -82,10 +83,12 @@ class Preemption(L.Callback):
                                                  reduce_op="max").item())
         if not signum or trainer.global_step >= trainer.max_steps > 0:  # the last step: let it validate and finish
             return
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, Checkpoint):
-                callback.write_last(trainer)
-        self.stopping = signum
+        checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, Checkpoint) and c.save_last]
+        for callback in checkpoints:
+            callback.write_last(trainer)
+        self.stopping, self.saved = signum, bool(checkpoints)
+        rank_zero_info(f"{signal.Signals(signum).name}: stopping after step {trainer.global_step}"
+                       + (", saved in checkpoints/last.ckpt" if checkpoints else ""))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         # Stop here rather than where the step was saved: the loggers have then written its loss
@@ -97,7 +100,7 @@ class Preemption(L.Callback):
         requeued = self.auto_requeue and self.stopping == self.requeue_signal
         if requeued and trainer.is_global_zero:
             requeue_slurm_job()
-        raise Preempted(self.stopping, trainer.global_step, requeued)
+        raise Preempted(self.stopping, trainer.global_step, self.saved, requeued)
 
 
 def requeue_slurm_job() -> None:
