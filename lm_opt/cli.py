@@ -10,17 +10,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from lm_opt.callbacks.checkpoint import Checkpoint
 from lm_opt.callbacks.divergence import Diverged, DivergenceStop
 from lm_opt.callbacks.effective_lr import EffectiveLRQuantiles
 from lm_opt.callbacks.final_validation import FinalValidation
 from lm_opt.callbacks.optimizer import OptimizerCallback
 from lm_opt.callbacks.model_summary import ParameterSummary
+from lm_opt.callbacks.preemption import Preemption
 from lm_opt.callbacks.progress_bar import StepProgressBar
 from lm_opt.callbacks.run_record import SUMMARY_FILE, RunRecord
 from lm_opt.callbacks.throughput import TokenThroughput
@@ -146,12 +148,14 @@ class LMOptCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(DivergenceStop, "divergence")
         parser.add_lightning_class_args(EffectiveLRQuantiles, "eff_lr")
-        # last.ckpt is what `fit --ckpt_path last` resumes from.
+        # last.ckpt is what `fit --ckpt_path last` resumes from, always under that name (a fresh run
+        # never writes into a folder that holds checkpoints: check_fresh_run).
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/loss",
-                             "checkpoint.filename": "best", "checkpoint.save_top_k": 1})
+                             "checkpoint.filename": "best", "checkpoint.save_top_k": 1,
+                             "checkpoint.enable_version_counter": False})
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         if args is None or isinstance(args, list):
@@ -174,7 +178,8 @@ class LMOptCLI(LightningCLI):
             raise UserError(str(err)) from err
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with lm_opt's progress bar and model summary in place of Lightning's defaults."""
+        """The trainer, with lm_opt's progress bar and model summary in place of Lightning's defaults,
+        and pre-emption handling (a fresh instance per run: it holds the run's signal)."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
         has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
@@ -183,6 +188,7 @@ class LMOptCLI(LightningCLI):
         if config.get("enable_model_summary", True) is not False:
             callbacks.append(ParameterSummary())
             kwargs["enable_model_summary"] = False  # Lightning would add its own, and say so
+        callbacks.append(Preemption())
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def before_fit(self) -> None:

@@ -13,6 +13,7 @@ batch of documents.
 import json
 import logging
 import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,13 +149,22 @@ class PackedStream(IterableDataset):
         yield from self.part_stream((self.first_part + worker) % num_workers, num_workers)
 
 
+def leave_signals_to_main(worker_id: int) -> None:
+    """Workers ignore the signals that pre-empt a run: a scheduler signals every process of a job,
+    and the main process ends the run after the step in progress, with a checkpoint of it
+    (lm_opt.callbacks.preemption). A worker killed by the signal would end the run at once, as
+    failed. Workers still exit with the main process (torch's watchdog)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader over a PackedStream whose `state_dict` is the stream position of what was
     trained on. Lightning saves and restores it with the fit loop (the `_Stateful` protocol)."""
 
     def __init__(self, stream: PackedStream, num_workers: int, pin_memory: bool = False):
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         prefetch_factor=4 if num_workers else None)
+                         prefetch_factor=4 if num_workers else None, worker_init_fn=leave_signals_to_main)
         self.stream = stream
         warn_if_shards_do_not_divide(stream.docs.n_shards, stream.world_size, num_workers)
 

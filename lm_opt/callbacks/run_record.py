@@ -31,7 +31,8 @@ class RunRecord(SaveConfigCallback):
     versions, device, precision, data and tokenizer identity; lm_opt.provenance).
 
     Status is `finished`, `diverged` (with what the divergence callback recorded),
-    `interrupted` (Ctrl-C or SIGTERM) or `failed` (an exception, with its message).
+    `interrupted` (Ctrl-C; SIGTERM or Slurm's SIGUSR1, after saving the step: lm_opt.callbacks.preemption)
+    or `failed` (an exception, with its message).
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -59,7 +60,7 @@ class RunRecord(SaveConfigCallback):
         if isinstance(exception, Diverged):
             self.write_summary(trainer, pl_module, exception.status)
             return
-        # Ctrl-C, or SIGTERM (a cluster pre-empting the job): the run can resume from last.ckpt.
+        # Ctrl-C, or a scheduler's signal (lm_opt.callbacks.preemption): the run can resume from last.ckpt.
         status = "interrupted" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
         self.write_summary(trainer, pl_module, {"status": status, "error": f"{type(exception).__name__}: {exception}"})
 

@@ -67,7 +67,9 @@ if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "({done})"' "$RUN/summary.j
 fi
 RESUME=()
 if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
-else rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"; fi  # an attempt without a checkpoint starts over
+elif [ "${{SLURM_PROCID:-0}}" = 0 ]; then  # an attempt without a checkpoint starts over (once, under srun)
+  rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"
+fi
 exec {command} "${{RESUME[@]}}"
 """
 
@@ -112,22 +114,46 @@ def write_point(point: Point, sweep: str) -> Path:
     return script
 
 
+SIGNAL_AHEAD_S = 300
+"""How long before its time limit Slurm warns a task (SIGUSR1): time to finish the step in progress
+and write its last.ckpt (a 1.2b run's checkpoint with AdamW is about 16 GB); Slurm may send it up
+to a minute earlier."""
+
+
+def tasks_per_node(devices) -> int:
+    """Lightning's `trainer.devices` as Slurm tasks: one per device (1 where it is `auto`)."""
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    return len(devices) if isinstance(devices, list) else 1
+
+
 def write_slurm(points: list[Point], spec: dict) -> Path:
-    """An sbatch array script, one task per point, each running the point's command.sh."""
+    """An sbatch array script, one task per point, each running the point's command.sh once per
+    device with srun, as Lightning's SLURMEnvironment expects; warned ahead of its time limit, a
+    task saves its step and requeues itself (lm_opt.callbacks.preemption)."""
     out_dir = spec["out_dir"].resolve()
     trainer = points[0].resolved.get("trainer", {})
-    gpus = trainer.get("devices") if trainer.get("accelerator") in ("gpu", "cuda") else None
+    devices = tasks_per_node(trainer.get("devices"))
     lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name={spec['name']}", f"#SBATCH --array=0-{len(points) - 1}",
-             f"#SBATCH --output={out_dir}/slurm/%A_%a.out"]
-    if isinstance(gpus, int):
-        lines.append(f"#SBATCH --gres=gpu:{gpus}")
-    lines += ["# Add your cluster's --partition, --time, --cpus-per-task above. Submit with:",
+             f"#SBATCH --output={out_dir}/slurm/%A_%a.out", "#SBATCH --open-mode=append",
+             f"#SBATCH --nodes={trainer.get('num_nodes') or 1}", f"#SBATCH --ntasks-per-node={devices}"]
+    if trainer.get("accelerator") in ("gpu", "cuda"):
+        lines.append(f"#SBATCH --gres=gpu:{devices}")
+    lines += [f"#SBATCH --signal=USR1@{SIGNAL_AHEAD_S}", "#SBATCH --requeue",
+              "# Add your cluster's --partition, --time, --cpus-per-task above. Submit with:",
               f"#   sbatch {out_dir}/sweep.sbatch",
               "# Each task runs one point's command.sh, as `python -m lm_opt sweep` does locally: finished",
-              "# and diverged points are skipped, interrupted ones resume. Then:",
+              "# and diverged points are skipped, interrupted ones resume from last.ckpt. SIGUSR1, sent",
+              f"# {SIGNAL_AHEAD_S} s before the time limit, makes the run save its current step and requeue",
+              "# the task (scontrol requeue), which then resumes; a pre-emption or scancel (SIGTERM) saves",
+              "# the step too. srun starts one process per device (outside Slurm, the script runs one). Then:",
               f"#   python -m lm_opt report {out_dir}",
               "POINTS=("] + [f"  {shlex.quote(str(p.run_dir.resolve()))}" for p in points] + [
-              ")", 'RUN=${POINTS[$SLURM_ARRAY_TASK_ID]}', 'bash "$RUN/command.sh" >>"$RUN/fit.log" 2>&1', ""]
+              ")", 'RUN=${POINTS[$SLURM_ARRAY_TASK_ID]}',
+              "LAUNCH=(); if command -v srun >/dev/null; then LAUNCH=(srun --kill-on-bad-exit=1); fi",
+              '"${LAUNCH[@]}" bash "$RUN/command.sh" >>"$RUN/fit.log" 2>&1', ""]
     (out_dir / "slurm").mkdir(parents=True, exist_ok=True)
     script = out_dir / "sweep.sbatch"
     script.write_text("\n".join(lines))
