@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from cli_helpers import fit, fit_fails, scalars, stop_at, summary, tiny_args
+from cli_helpers import fit, fit_fails, optim_config, scalars, stop_at, summary, tiny_args
 from lm_opt.provenance import code_version
 
 
@@ -62,8 +62,8 @@ def test_resumed_run_gives_identical_losses_at_every_step(tmp_path, optimizer):
     """8 steps straight, against 4 steps (interrupted) resumed from last.ckpt to 8: the data
     position, the optimizer state (routed, eigenbases, Schedule-Free's x and y) and the schedule
     all carry over."""
-    common = ("--data.num_workers", "2", "--trainer.val_check_interval", "2",
-              "--config", f"configs/optim/{optimizer}.yaml")
+    config = optim_config(Path(f"configs/optim/{optimizer}.yaml"), tmp_path)
+    common = ("--data.num_workers", "2", "--trainer.val_check_interval", "2", "--config", str(config))
     fit(*tiny_args(tmp_path, "full", 8, *common))
     fit(*tiny_args(tmp_path, "half", 8, *common, *stop_at(4)))
     assert summary(tmp_path / "half")["steps"] == 4

@@ -1,6 +1,9 @@
 import gzip
 import json
 import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
 
@@ -15,6 +18,9 @@ from lm_opt.corpus import (CORPUS_SHA256, build_corpus, check_sources, content_h
 def read_records(path: str) -> list[dict]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+pytestmark = pytest.mark.xdist_group("corpus")
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +94,36 @@ def test_rebuild_reuses_the_cache(built, monkeypatch):
 
 
 def test_incomplete_build_is_rebuilt_identically_and_stale_shards_go(built, tmp_path):
-    _, files = built
-    build_corpus(tmp_path, n_train_shards=3)
+    """An interrupted build (no manifest, a truncated shard) beside a stale shard of another
+    shard count is built again to the same bytes, and the stale shard goes."""
+    out_dir, files = built
+    shutil.copytree(out_dir, tmp_path, dirs_exist_ok=True)
     (tmp_path / corpus.MANIFEST).unlink()
-    Path(tmp_path / "c4-train.00000-of-00003.json.gz").write_bytes(b"truncated")
+    (tmp_path / Path(files["train"][0]).name).write_bytes(b"truncated")
+    (tmp_path / "c4-train.00000-of-00003.json.gz").write_bytes(b"stale")
     rebuilt = build_corpus(tmp_path)
     for split in files:
         assert [Path(f).read_bytes() for f in rebuilt[split]] == [Path(f).read_bytes() for f in files[split]]
     assert sorted(p.name for p in tmp_path.glob("c4-*.json.gz")) == sorted(
         Path(f).name for f in rebuilt["train"] + rebuilt["validation"])
+
+
+def test_a_build_waits_for_the_one_in_progress_and_reuses_it(built, tmp_path, monkeypatch):
+    """Runs started together on an empty cache: one builds, the others wait on its lock and then
+    find the corpus built."""
+    out_dir, _ = built
+    cache = tmp_path / "corpus"
+
+    def no_walk():
+        raise AssertionError("the corpus was built twice")
+
+    monkeypatch.setattr(corpus, "source_tasks", no_walk)
+    with corpus.build_lock(cache):  # another run's build in progress
+        waiting = ThreadPoolExecutor(1).submit(build_corpus, cache)
+        time.sleep(0.5)
+        assert not waiting.done()
+        shutil.copytree(out_dir, cache)  # ... which finishes
+    assert waiting.result(timeout=60)["train"] == [str(cache / Path(f).name) for f in built[1]["train"]]
 
 
 def test_another_source_version_is_refused_with_the_fix(monkeypatch, tmp_path):
