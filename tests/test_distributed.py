@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import scalars, stop_at, summary, tiny_args
+from cli_helpers import fit, scalars, stop_at, summary, tiny_args
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent.parent
 
 def run(*args: str) -> str:
     """`python -m lm_opt ...` in a subprocess (Lightning's DDP launcher re-runs the command per
-    rank); what it printed."""
+    rank); what it printed. Runs on one process go through `fit`, in this process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run([sys.executable, "-m", "lm_opt", *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
@@ -37,7 +37,7 @@ def test_ddp_routed_training_matches_one_process_accumulating_the_same_batches(t
     same two parts in turn, so accumulating 2 micro-batches sees the batches of both ranks."""
     routed = ("--config", "configs/optim/sgd_adalayer_last_norm.yaml")
     run(*tiny_args(tmp_path, "ddp", 4, *routed, *ddp()))
-    run(*tiny_args(tmp_path, "single", 4, *routed, "--data.num_workers", "2",
+    fit(*tiny_args(tmp_path, "single", 4, *routed, "--data.num_workers", "2",
                    "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "8"))
     ddp_run, single = summary(tmp_path / "ddp"), summary(tmp_path / "single")
     assert ddp_run["status"] == single["status"] == "finished"
@@ -53,30 +53,26 @@ FSDP2 = ("--config", "configs/fsdp.yaml", "--trainer.devices", "2", "--trainer.a
          "--data.batch_size", "4", "--trainer.val_check_interval", "4")
 
 
-def test_fsdp2_training_matches_one_process_and_resumes_exactly(tmp_path):
-    """The DDP comparison above, sharded; then a run stopped at step 2 and resumed from its
-    checkpoint (gathered into one file) ends where the uninterrupted one does."""
+def test_fsdp2_training_matches_one_process(tmp_path):
+    """The DDP comparison above, sharded (configs/fsdp.yaml's AdamW); its resume is tested with
+    every sharding scheme below."""
     printed = run(*tiny_args(tmp_path, "fsdp", 4, *FSDP2))
     assert "route 'all': AdamW on parameter shards: elementwise" in printed
-    run(*tiny_args(tmp_path, "single", 4, "--data.num_workers", "2", "--trainer.accumulate_grad_batches", "2",
+    fit(*tiny_args(tmp_path, "single", 4, "--data.num_workers", "2", "--trainer.accumulate_grad_batches", "2",
                    "--trainer.val_check_interval", "8"))
-    run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, *stop_at(2)))
-    run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, "--ckpt_path", "last"))
-    fsdp, single, resumed = (summary(tmp_path / n) for n in ("fsdp", "single", "resumed"))
-    assert fsdp["status"] == single["status"] == resumed["status"] == "finished"
+    fsdp, single = summary(tmp_path / "fsdp"), summary(tmp_path / "single")
+    assert fsdp["status"] == single["status"] == "finished"
     assert fsdp["tokens"] == single["tokens"] == 4 * 2 * 4 * 32
     assert fsdp["final_val_loss"] == pytest.approx(single["final_val_loss"], rel=1e-5)
-    assert resumed["final_val_loss"] == pytest.approx(fsdp["final_val_loss"], rel=1e-6)
-    a, b, c = weights(tmp_path / "fsdp"), weights(tmp_path / "single"), weights(tmp_path / "resumed")
-    assert a.keys() == b.keys() == c.keys()
+    a, b = weights(tmp_path / "fsdp"), weights(tmp_path / "single")
+    assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
-        torch.testing.assert_close(c[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 # One route per sharding scheme, joined in one CompositeOptimizer: the owner scheme (Muon on the
 # hidden matrices), row/column statistics all-reduced (Adalayer on the last layer, Adafactor* on
-# the embedding and norms).
+# the embedding), elementwise (AdamW on the norms).
 EVERY_SCHEME = """\
 trainer:
   callbacks:
@@ -88,19 +84,22 @@ trainer:
             optimizer: {class_path: lm_opt.optim.Muon, init_args: {lr: 0.02, weight_decay: 0.1}}
           - roles: [last_layer]
             optimizer: {class_path: lm_opt.optim.Adalayer, init_args: {lr: 3.16e-3}}
+          - roles: [norm]
+            optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 3.16e-3}}
           - name: rest
             optimizer: {class_path: lm_opt.optim.Adafactor, init_args: {lr: 3.16e-3}}
 """
 
 
 def test_fsdp2_resume_continues_every_sharding_scheme_exactly(tmp_path):
-    """Through the command line and Lightning's gathered checkpoint: a run of the three schemes
+    """Through the command line and Lightning's gathered checkpoint: a run of the four schemes
     stopped at step 2 and resumed ends, to rounding, where the uninterrupted run does."""
     config = tmp_path / "every_scheme.yaml"
     config.write_text(EVERY_SCHEME)
     printed = run(*tiny_args(tmp_path, "whole", 4, *FSDP2, "--config", str(config)))
     for scheme in ("route 'matrix': Muon on parameter shards: owner", "route 'last_layer': Adalayer on parameter "
-                   "shards: block statistics", "route 'rest': Adafactor on parameter shards: column statistics"):
+                   "shards: block statistics", "route 'rest': Adafactor on parameter shards: column statistics",
+                   "route 'norm': AdamW on parameter shards: elementwise"):
         assert scheme in printed
     run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, "--config", str(config), *stop_at(2)))
     run(*tiny_args(tmp_path, "resumed", 4, *FSDP2, "--config", str(config), "--ckpt_path", "last"))
@@ -130,13 +129,13 @@ def test_torch_muon_under_fsdp2_is_refused_before_training_naming_lm_opt_muon(tm
 
 
 def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
-    run(*tiny_args(tmp_path, "train", 2))
+    fit(*tiny_args(tmp_path, "train", 2))
     ckpt = str(tmp_path / "train" / "checkpoints" / "last.ckpt")
     validate = ["validate" if a == "fit" else a for a in tiny_args(tmp_path, "v1", 2)]
-    run(*validate, "--ckpt_path", ckpt)
+    fit(*validate, "--ckpt_path", ckpt)
     validate2 = ["validate" if a == "fit" else a for a in tiny_args(tmp_path, "v2", 2)]
     run(*validate2, *ddp(), "--ckpt_path", ckpt, "--data.val_sequences", "7")  # ranks hold 4 and 3
-    run(*validate, "--ckpt_path", ckpt, "--data.val_sequences", "7", "--trainer.logger.init_args.name", "v7")
+    fit(*validate, "--ckpt_path", ckpt, "--data.val_sequences", "7", "--trainer.logger.init_args.name", "v7")
     one, two = scalars(tmp_path / "v7", "val/loss"), scalars(tmp_path / "v2", "val/loss")
     assert list(one.values()) == pytest.approx(list(two.values()), rel=1e-6)
     assert scalars(tmp_path / "v1", "val/loss")
@@ -197,6 +196,7 @@ def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 
     return {n: p.detach().clone() for (n, _), p in zip(model.named_parameters(), full)}
 
 
+@pytest.mark.xdist_group("distributed_comparison")
 def test_every_optimizer_gives_the_same_result_under_ddp_as_on_one_process(distributed):
     for config in OPTIM_CONFIGS:
         single = train_routed(config)
@@ -268,6 +268,7 @@ def exchanges_statistics(config: Path) -> bool:
                for cls in callback.classes)
 
 
+@pytest.mark.xdist_group("distributed_comparison")
 def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_process(distributed):
     """Sharded updates of the same averaged gradients, 3 steps, without clipping.
 
