@@ -196,7 +196,6 @@ def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 
     return {n: p.detach().clone() for (n, _), p in zip(model.named_parameters(), full)}
 
 
-@pytest.mark.xdist_group("distributed_comparison")
 def test_every_optimizer_gives_the_same_result_under_ddp_as_on_one_process(distributed):
     for config in OPTIM_CONFIGS:
         single = train_routed(config)
@@ -268,7 +267,6 @@ def exchanges_statistics(config: Path) -> bool:
                for cls in callback.classes)
 
 
-@pytest.mark.xdist_group("distributed_comparison")
 def test_every_shardable_optimizer_gives_the_same_result_under_fsdp2_as_on_one_process(distributed):
     """Sharded updates of the same averaged gradients, 3 steps, without clipping.
 

@@ -14,9 +14,6 @@ from lm_opt.tokenizer import (SPIECE, SPIECE_SHA256, load_tokenizer, train_t5_li
 SENTENCE = "The optimizer keeps a running average of the gradients for each parameter."
 
 
-pytestmark = pytest.mark.xdist_group("small_tokenizer")
-
-
 @pytest.fixture(scope="module")
 def corpus_files(embedded_corpus) -> dict[str, list[str]]:
     return embedded_corpus
@@ -47,6 +44,7 @@ def assert_t5_layout(tokenizer, vocab_size: int) -> None:
     assert tokenizer.convert_tokens_to_ids("<extra_id_99>") == vocab_size
 
 
+@pytest.mark.slow
 def test_small_tokenizer_has_t5_layout_and_round_trips(small_dir, corpus_files, caplog):
     with caplog.at_level(logging.INFO, logger="lm_opt"):
         tokenizer = load_tokenizer(str(small_dir))
@@ -62,6 +60,7 @@ def test_small_tokenizer_has_t5_layout_and_round_trips(small_dir, corpus_files, 
     assert batch == one_by_one
 
 
+@pytest.mark.slow
 def test_trained_directory_is_reused(small_dir):
     mtime = (small_dir / SPIECE).stat().st_mtime_ns
 
@@ -71,15 +70,16 @@ def test_trained_directory_is_reused(small_dir):
 
     assert train_t5_like_tokenizer(no_texts(), small_dir, vocab_size=2000) == small_dir
     assert (small_dir / SPIECE).stat().st_mtime_ns == mtime
-    assert [p.name for p in small_dir.parent.iterdir()] == [small_dir.name]  # no temp dirs left
+    assert [p.name for p in small_dir.parent.iterdir() if p.is_dir()] == [small_dir.name]  # no temp dirs left
 
 
 def test_too_little_text_is_a_clear_error(corpus_files, tmp_path):
     with pytest.raises(RuntimeError, match="training a 32000-piece tokenizer failed"):
         train_t5_like_tokenizer(iter_texts(corpus_files["validation"]), tmp_path / "tok")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".tok.lock"]  # the build lock, nothing half-trained
 
 
+@pytest.mark.slow
 def test_bare_spiece_model_directory_loads_with_t5_layout(small_dir, tmp_path):
     shutil.copy(small_dir / SPIECE, tmp_path / SPIECE)
     assert_t5_layout(load_tokenizer(str(tmp_path)), 2000)
@@ -91,6 +91,7 @@ def test_directory_without_tokenizer_files_is_named(tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
+@pytest.mark.slow
 def test_offline_hub_id_raises_a_clear_error(tmp_path):
     # A fresh interpreter: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported.
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}

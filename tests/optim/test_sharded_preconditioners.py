@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from lm_opt.optim import SOAP, Muon, Shampoo
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sharded_preconditioners")]
+pytestmark = pytest.mark.slow
 
 STEPS, RESUME_AT = 5, 3
 # precondition_frequency 2: SOAP refreshes its bases after updates 2 and 4, Shampoo recomputes

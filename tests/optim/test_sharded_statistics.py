@@ -9,7 +9,7 @@ from optim_harness import single_rank_mesh
 from sharded_harness import OPTIMIZERS, STEPS, expected_all_reduce, factored_3d, reference, worker
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
-              pytest.mark.slow, pytest.mark.xdist_group("sharded_statistics")]
+              pytest.mark.slow]
 
 
 @pytest.fixture(scope="module", params=[2, 4])

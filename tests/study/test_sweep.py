@@ -109,6 +109,7 @@ side): a grid edited without rerunning the sweep fails here."""
         assert repeats == {f"{best}_seed{s}" for s in spec["seeds"]}, optimizer
 
 
+@pytest.mark.slow
 def test_each_lines_best_point_runs_again_with_every_seed(tmp_path, monkeypatch):
     launched = []
     losses = {"adamw_lr1.00e-03": 5.0, "adamw_lr0.01": 4.0, "signum_lr1.00e-04": 4.5, "signum_lr1.00e-03": 4.6}
@@ -223,7 +224,6 @@ def micro(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("micro_sweep")
 def test_rerun_after_a_kill_finishes_only_the_missing_points(micro):
     assert "1 points already done, 2 to run" in micro["stdout"]
     assert f"start {micro['names'][1]} (resuming from last.ckpt)" in micro["stdout"]
@@ -233,7 +233,6 @@ def test_rerun_after_a_kill_finishes_only_the_missing_points(micro):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("micro_sweep")
 def test_micro_sweep_writes_results_and_plot(micro):
     rows = list(csv.DictReader(open(micro["out"] / "results.csv")))
     assert sorted(r["point"] for r in rows) == sorted(micro["names"])
@@ -243,14 +242,12 @@ def test_micro_sweep_writes_results_and_plot(micro):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("micro_sweep")
 def test_rerun_of_a_finished_sweep_launches_nothing(micro, no_launch, capsys):
     sweep.main([str(micro["spec"])])
     assert "3 points already done, 0 to run" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("micro_sweep")
 def test_report_rebuilds_from_the_run_folders_alone(micro, tmp_path):
     copy = tmp_path / "copy"
     for name in micro["names"]:
