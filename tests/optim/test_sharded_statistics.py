@@ -8,7 +8,8 @@ from lm_opt.optim import Adafactor, Adalayer, AdamMini
 from optim_harness import single_rank_mesh
 from sharded_harness import OPTIMIZERS, STEPS, expected_all_reduce, factored_3d, reference, worker
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+              pytest.mark.slow]
 
 
 @pytest.fixture(scope="module", params=[2, 4])
