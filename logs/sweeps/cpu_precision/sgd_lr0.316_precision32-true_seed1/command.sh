@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Point sgd_lr0.316_precision32-true_seed1 of sweep cpu_precision (`python -m lm_opt sweep`). Run, rerun or resume it alone:
+#   bash logs/sweeps/cpu_precision/sgd_lr0.316_precision32-true_seed1/command.sh
+# A finished or diverged point is left alone; an interrupted one resumes from last.ckpt.
+set -e
+cd /work/wt-cpuspeed
+RUN=logs/sweeps/cpu_precision/sgd_lr0.316_precision32-true_seed1
+if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "(finished|diverged)"' "$RUN/summary.json"; then
+  echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/summary.json")"
+  exit 0
+fi
+RESUME=()
+if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
+else rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"; fi  # an attempt without a checkpoint starts over
+exec /work/wt-cpuspeed/.venv/bin/python -m lm_opt fit \
+  --config configs/quickstart.yaml \
+  --config logs/sweeps/cpu_precision/sgd_lr0.316_precision32-true_seed1/optimizer.yaml \
+  --data.num_workers 1 \
+  --trainer.max_steps 200 \
+  --trainer.val_check_interval 50 \
+  --trainer.enable_progress_bar false \
+  --trainer.precision 32-true \
+  --seed_everything 1 \
+  --trainer.logger.init_args.save_dir logs/sweeps/cpu_precision \
+  --trainer.logger.init_args.name sgd_lr0.316_precision32-true_seed1 "${RESUME[@]}"
