@@ -33,7 +33,7 @@ def test_fit_writes_tensorboard_events_checkpoint_and_summary(tmp_path):
     packages = {"python", "transformers", "datasets", "tokenizers", "sentencepiece", "jsonargparse"}
     assert packages <= set(made_by["packages"]) and None not in made_by["packages"].values()
     assert made_by["device"]["type"] == "cpu" and made_by["device"]["count"] == 1 and made_by["device"]["name"]
-    assert made_by["device"]["precision"] == "32-true"
+    assert made_by["device"]["precision"] == "bf16-mixed"  # the quickstart's
     assert made_by["data"]["path"] == "embedded" and made_by["data"]["tokenizer"] == "embedded"
     assert made_by["code"] == code_version()
 

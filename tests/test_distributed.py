@@ -49,8 +49,9 @@ def test_ddp_routed_training_matches_one_process_accumulating_the_same_batches(t
 
 
 # configs/fsdp.yaml itself, on 2 CPU processes, with the tiny runs' batch and validation interval.
+# In float32, so that the comparison with one process is one of summation order alone.
 FSDP2 = ("--config", "configs/fsdp.yaml", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-         "--data.batch_size", "4", "--trainer.val_check_interval", "4")
+         "--data.batch_size", "4", "--trainer.val_check_interval", "4", "--trainer.precision", "32-true")
 
 
 def test_fsdp2_training_matches_one_process(tmp_path):
@@ -59,7 +60,7 @@ def test_fsdp2_training_matches_one_process(tmp_path):
     printed = run(*tiny_args(tmp_path, "fsdp", 4, *FSDP2))
     assert "route 'all': AdamW on parameter shards: elementwise" in printed
     fit(*tiny_args(tmp_path, "single", 4, "--data.num_workers", "2", "--trainer.accumulate_grad_batches", "2",
-                   "--trainer.val_check_interval", "8"))
+                   "--trainer.val_check_interval", "8", "--trainer.precision", "32-true"))
     fsdp, single = summary(tmp_path / "fsdp"), summary(tmp_path / "single")
     assert fsdp["status"] == single["status"] == "finished"
     assert fsdp["tokens"] == single["tokens"] == 4 * 2 * 4 * 32
