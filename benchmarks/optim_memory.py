@@ -24,19 +24,9 @@ from lm_opt.optim import (
     EMASGD, SOAP, Adafactor, Adalayer, AdamMini, Lion, Muon, ScheduleFreeAdamW, Shampoo, Signum,
 )
 from lm_opt.optim.adalayer import num_blocks
+from lm_opt.optim.state import state_bytes
 
 MAX_PRECOND_DIM = 10000  # SOAP's and Shampoo's default
-
-
-def state_bytes(value) -> int:
-    """Bytes of the tensors in an optimizer state value (nested lists and dicts included)."""
-    if torch.is_tensor(value):
-        return value.nbytes
-    if isinstance(value, (list, tuple)):
-        return sum(state_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(state_bytes(v) for v in value.values())
-    return 0
 
 
 def kronecker_numbers(shape: tuple[int, ...]) -> int:

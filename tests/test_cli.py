@@ -24,6 +24,9 @@ def test_fit_writes_tensorboard_events_checkpoint_and_summary(tmp_path):
     assert s["status"] == "finished" and s["steps"] == 4
     assert s["tokens"] == 4 * 4 * 32
     assert s["final_val_loss"] is not None and s["best_val_loss"] <= s["final_val_loss"]
+    assert s["val_curve"] == [[4, s["final_val_loss"]]]
+    assert 0 < s["step_time_s"] < s["wall_time_s"] / 4
+    assert 8 * s["parameters"] <= s["optimizer_state_bytes"] <= 8 * s["parameters"] + 4096  # AdamW: m, v, step
     assert s["config"]["model"]["preset"] == "tiny"
     losses = scalars(run, "train/loss")
     assert sorted(losses) == [0, 1, 2, 3]
@@ -73,6 +76,9 @@ def test_resumed_run_gives_identical_losses_at_every_step(tmp_path, optimizer):
     assert sorted(full) == sorted(resumed) == list(range(8))
     assert [full[s] for s in range(8)] == [resumed[s] for s in range(8)]
     assert summary(tmp_path / "half")["steps"] == 8
+    # the validation curve carries over the checkpoint too
+    assert summary(tmp_path / "half")["val_curve"] == summary(tmp_path / "full")["val_curve"]
+    assert [step for step, _ in summary(tmp_path / "full")["val_curve"]] == [2, 4, 6, 8]
 
 
 ROUTE_MATCHING_NOTHING = """

@@ -94,7 +94,8 @@ trainer:
 
 def test_fsdp2_resume_continues_every_sharding_scheme_exactly(tmp_path):
     """Through the command line and Lightning's gathered checkpoint: a run of the four schemes
-    stopped at step 2 and resumed ends, to rounding, where the uninterrupted run does."""
+    stopped at step 2 and resumed ends, to rounding, where the uninterrupted run does. About 50 s:
+    three 2-process launches through the command line, as a user resumes."""
     config = tmp_path / "every_scheme.yaml"
     config.write_text(EVERY_SCHEME)
     printed = run(*tiny_args(tmp_path, "whole", 4, *FSDP2, "--config", str(config)))

@@ -118,7 +118,8 @@ FSDP2 = ("--config", "configs/fsdp.yaml", "--trainer.devices", "2", "--trainer.a
 def test_fsdp2_killed_9_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     """Both ranks killed at the end of step 4 (their checkpoint of step 3 gathered into one file),
     resumed: the weights and validation loss of the uninterrupted run, within tests/test_distributed.py's
-    FSDP2 resume tolerance."""
+    FSDP2 resume tolerance. About 60 s: three 2-process launches through the command line, since
+    only separate processes can be killed mid-step."""
     whole = run_cli(*tiny_args(tmp_path, "whole", 6, *FSDP2))
     assert whole.returncode == 0, whole.stderr[-3000:]
     args = tiny_args(tmp_path, "run", 6, *FSDP2, "--checkpoint.every_n_train_steps", "1")

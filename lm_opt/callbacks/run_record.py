@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lm_opt.callbacks.divergence import Diverged
+from lm_opt.optim.state import state_bytes
 from lm_opt.provenance import provenance
 
 SUMMARY_FILE = "summary.json"
@@ -30,6 +32,10 @@ class RunRecord(SaveConfigCallback):
     steps, tokens, wall time, the full config and its provenance (code commit, package
     versions, device, precision, data and tokenizer identity; lm_opt.provenance).
 
+    The summary also holds the validation curve (`val_curve`: [step, loss] pairs, kept across a
+    resume through the checkpoint, for steps-to-target in `report`) and the median wall time of
+    this process's training steps (`step_time_s`, hooks to hooks, for per-step cost ratios).
+
     Status is `finished`, `diverged` (with what the divergence callback recorded),
     `interrupted` (Ctrl-C; SIGTERM or Slurm's SIGUSR1, after saving the step: lm_opt.callbacks.preemption)
     or `failed` (an exception, with its message).
@@ -42,6 +48,9 @@ class RunRecord(SaveConfigCallback):
         self.best_val_loss = math.inf
         self.final_val_loss = math.nan
         self.final_val_step: int | None = None
+        self.val_curve: list[list[float]] = []
+        self.step_times: list[float] = []
+        self.step_start: float | None = None
         # Read when the run starts: the checkout may change while it runs.
         self.provenance = provenance(trainer, trainer.datamodule) if trainer.is_global_zero else None
 
@@ -50,8 +59,31 @@ class RunRecord(SaveConfigCallback):
             return
         self.final_val_loss = trainer.callback_metrics["val/loss"].item()
         self.final_val_step = trainer.global_step
+        self.val_curve.append([trainer.global_step, self.final_val_loss])
         if self.final_val_loss < self.best_val_loss:
             self.best_val_loss = self.final_val_loss
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if self.step_start is None:  # the first micro-batch of an optimizer step
+            self.step_start, self.step_of = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        if self.step_start is not None and trainer.global_step > self.step_of:
+            self.step_times.append(time.perf_counter() - self.step_start)
+            self.step_start = None
+
+    def median_step_time(self) -> float | None:
+        """The first steps warm up allocators and caches (5 of them, or 1 in a short run); a median
+        ignores the stragglers."""
+        times = self.step_times[5:] or self.step_times[1:]
+        return statistics.median(times) if times else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_curve": self.val_curve, "best_val_loss": self.best_val_loss,
+                "final_val_loss": self.final_val_loss, "final_val_step": self.final_val_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.__dict__.update(state_dict)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write_summary(trainer, pl_module, {"status": "finished"})
@@ -78,6 +110,9 @@ class RunRecord(SaveConfigCallback):
             "tokens": steps * pl_module.tokens_per_step(),
             "parameters": pl_module.model.num_params(),
             "wall_time_s": round(time.time() - self.start_time, 2),
+            "step_time_s": self.median_step_time(),
+            "val_curve": self.val_curve,
+            "optimizer_state_bytes": sum(state_bytes(s) for opt in trainer.optimizers for s in opt.state.values()),
             "config": self.parser.dump(self.config, format="json", skip_unset=False),
             "provenance": self.provenance,
         }

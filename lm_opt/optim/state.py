@@ -24,6 +24,17 @@ def state_dtype(param: Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
 
+def state_bytes(value) -> int:
+    """Bytes of the tensors in an optimizer state value (nested lists and dicts included)."""
+    if torch.is_tensor(value):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(state_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(state_bytes(v) for v in value.values())
+    return 0
+
+
 def check_args(
     *,
     lr: float | None = None,

@@ -1,4 +1,5 @@
-"""`python -m lm_opt report SWEEP_DIR [--margin 0.05]`: a sweep's table, plots and stability.
+"""`python -m lm_opt report SWEEP_DIR [--margin 0.05] [--target adamw]`: a sweep's table, plots, stability
+and steps to a target loss.
 
 Reads the point folders alone: each one's `point.json` (optimizer and swept values, written by
 `sweep`) and `summary.json` (written by the run). A folder with only a `summary.json` (a run
@@ -9,6 +10,11 @@ point of each line a star, diverged points an x at the top of the axes.
 
 Stability (after the study's Fig. 1): the range of the swept value whose final loss lies
 within `margin` nats of the line's best, and its width in decades.
+
+Steps to target (lm_opt.study.target): for each line's best point and its seeds, the steps at
+which its validation curve first reaches a target loss (by default the reference optimizer's
+mean final loss), with its median step time and optimizer state per parameter;
+`plot_curves.png` draws those curves.
 
 Every figure carries its baseline and its noise. The baseline is the unigram cross-entropy of
 the runs' validation set (lm_opt.study.baseline), drawn as a horizontal line. The noise comes from
@@ -25,11 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from lm_opt.study.sweep_plan import format_value, short_name
+from lm_opt.study.target import target_loss, time_to_target
 
 BASELINE = "baseline.json"
 REFERENCE = "adamw"
 """The optimizer every other is compared with, where the sweep has it."""
-FIELDS = ("final_val_loss", "best_val_loss", "status", "steps", "max_steps", "tokens", "wall_time_s", "error")
+FIELDS = ("final_val_loss", "best_val_loss", "status", "steps", "max_steps", "tokens", "wall_time_s", "step_time_s",
+          "error")
+CURVE_FIELDS = ("val_curve", "optimizer_state_bytes", "parameters")
+"""Read from the summary for steps to target; not in results.csv."""
 
 
 def show(value: Any) -> str:
@@ -56,7 +66,7 @@ def read_point(run_dir: Path) -> dict | None:
     row = {"point": point["name"], "optimizer": point["optimizer"], "seed": values.pop("seed", None),
            "values": values, "shared": point.get("shared", []), "sweep": point.get("sweep", run_dir.parent.name),
            "run_dir": run_dir}
-    row.update({k: summary.get(k) for k in FIELDS}, status=status)
+    row.update({k: summary.get(k) for k in FIELDS + CURVE_FIELDS}, status=status)
     return row
 
 
@@ -201,7 +211,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict | None, plots: list[Path],
-             margin: float) -> str:
+             margin: float, timed: tuple[str, list[dict]] | None = None) -> str:
     axes = axes_of(rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     best = {(s["optimizer"], s["condition"]): s.get("best_point") for s in stable}
@@ -226,6 +236,8 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
                          f"| {f['std']:.4f} | {f['min']:.4f} .. {f['max']:.4f} "
                          f"| {'' if not base else format(f['mean'] - unigram, '+.4f')} | {delta} | {beyond} |")
         lines.append("")
+    if timed:
+        lines += target_section(*timed)
     lines += ["## Every run", "", "| point | optimizer | " + " | ".join(axes) + " | seed | final val loss | vs unigram "
               "| best val loss | status | steps | tokens | wall time (s) |", "|" + " --- |" * (len(axes) + 10)]
     for r in rows:
@@ -252,6 +264,77 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
             + f" (log: {r['point']}/fit.log)" for r in problems]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def best_runs(rows: list[dict], stable: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """Each line's stability entry with the runs of its best point: the grid point and its seeds."""
+    return [(s, [r for r in rows if series_key(r) == (s["optimizer"], s["condition"])
+                 and format_value(r["values"].get(x_axis(r))) == format_value(s["best_x"])])
+            for s in stable if "best_x" in s]
+
+
+def validation_interval(rows: list[dict]) -> str:
+    """`every 20 steps` where every curve validates at one interval (the last gap may be shorter)."""
+    gaps = set()
+    for r in rows:
+        pairs = list(zip(r.get("val_curve") or [], (r.get("val_curve") or [])[1:]))
+        gaps |= {b[0] - a[0] for a, b in pairs[:-1] or pairs}
+    return f"every {gaps.pop():g} steps" if len(gaps) == 1 else "at the runs' validations"
+
+
+def target_section(described: str, every: str, timed: list[dict]) -> list[str]:
+    lines = ["## Steps to target", "",
+             f"Target: {described}. For each line's best point and its seeds, the step at which the validation "
+             f"curve first reaches the target, interpolated linearly between validations ({every}; the answer is no "
+             "finer than that). Mean and range over the runs that reach it; the fraction is of the run's steps. Step "
+             f"time is the median wall time of a training step in those runs; the ratio divides by {REFERENCE}'s.",
+             "", "| optimizer | condition | best value | reached / runs | steps to target | range | fraction of "
+             "the run | step time (ms) | vs " + REFERENCE + " | optimizer state (bytes/param) |", "|" + " --- |" * 10]
+    for e in timed:
+        mean = f"{e['mean']:.0f}" if "mean" in e else "not reached"
+        span = f"{e['low']:.0f} .. {e['high']:.0f}" if "mean" in e else ""
+        fraction = f"{e['fraction']:.2f}" if "fraction" in e else ""
+        ms = f"{1e3 * e['step_time_s']:.0f}" if "step_time_s" in e else ""
+        ratio = f"{e['step_time_ratio']:.2f}" if "step_time_ratio" in e else ""
+        state = f"{e['state_bytes_per_param']:.1f}" if "state_bytes_per_param" in e else ""
+        lines.append(f"| {e['optimizer']} | {e['condition']} | {show(e['best_x'])} | {e['reached']} / {e['runs']} "
+                     f"| {mean} | {span} | {fraction} | {ms} | {ratio} | {state} |")
+    return lines + [""]
+
+
+def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, target: float | None,
+                unigram: float | None) -> bool:
+    """Validation loss against steps for each line's best point (seeds thin), the target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = [(s, r) for s, runs in lines for r in runs if len(r.get("val_curve") or []) > 1]
+    if not drawn:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = dict.fromkeys((s["optimizer"], s["condition"]) for s, _ in drawn)
+    colors = {key: f"C{i % 10}" for i, key in enumerate(keys)}
+    for s, r in drawn:
+        key = (s["optimizer"], s["condition"])
+        steps, losses = zip(*r["val_curve"])
+        seed = r["seed"] is not None
+        ax.plot(steps, losses, color=colors[key], lw=0.8 if seed else 1.8, alpha=0.6 if seed else 1,
+                label=None if seed else " ".join(filter(None, [s["optimizer"], s["condition"], show(s["best_x"])])))
+    if target is not None:
+        ax.axhline(target, color="black", ls="--", lw=1, label=f"target ({target:.3f})")
+    if unigram is not None:
+        ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
+    finals = [r["val_curve"][-1][1] for _, r in drawn]
+    ax.set_ylim(min(finals) - 0.1, max(max(finals) + 0.6, (unigram or 0) + 0.2))
+    ax.set(xlabel="step", ylabel="validation loss", title=f"{drawn[0][1]['sweep']}: best point per line (thin: seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | None = None,
@@ -306,22 +389,34 @@ def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | Non
     return True
 
 
-def write_report(sweep_dir: str | Path, margin: float = 0.05) -> Path:
-    """Write results.csv, results.md and the plots into `sweep_dir`; returns results.md."""
+def write_report(sweep_dir: str | Path, margin: float = 0.05, target: str | None = None) -> Path:
+    """Write results.csv, results.md and the plots into `sweep_dir`; returns results.md. `target` (a
+    setup's label or a loss) adds steps to target; it defaults to the reference optimizer where the
+    runs have validation curves."""
     sweep_dir = Path(sweep_dir)
     rows = load_rows(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no point folders (point.json or summary.json)")
     write_csv(rows, sweep_dir / "results.csv")
     base, noise = baseline(sweep_dir, rows), seed_noise(rows)
+    unigram = base and base["unigram_val_loss"]
     plots = []
     for axis in dict.fromkeys(x_axis(r) for r in rows if x_axis(r)):
         path = sweep_dir / f"plot_{format_value(axis)}.png"
-        if plot(rows, axis, path, noise, base and base["unigram_val_loss"]):
+        if plot(rows, axis, path, noise, unigram):
             plots.append(path)
     stable = stability(rows, margin)
     found = findings(stable, noise)
-    (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin))
+    lines, timed, goal = best_runs(rows, stable), None, None
+    curves = any(len(r.get("val_curve") or []) > 1 for _, runs in lines for r in runs)
+    if target is None and curves and any(s["optimizer"] == REFERENCE for s, _ in lines):
+        target = REFERENCE
+    if target is not None:
+        goal, described = target_loss(target, stable, noise)
+        timed = described, validation_interval(rows), time_to_target(lines, goal, REFERENCE)
+    if curves and plot_curves(lines, sweep_dir / "plot_curves.png", goal, unigram):
+        plots.append(sweep_dir / "plot_curves.png")
+    (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed))
     print(f"report: {sweep_dir / 'results.md'}, results.csv, " + ", ".join(p.name for p in plots))
     return sweep_dir / "results.md"
 
@@ -330,8 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm_opt report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="a sweep's out_dir, e.g. logs/sweeps/tiny_cpu")
     parser.add_argument("--margin", type=float, default=0.05, help="nats above the best loss that count as stable")
+    parser.add_argument("--target", help=f"steps to this loss: a setup's label (its mean final loss over seeds) or "
+                                         f"a number; default {REFERENCE} where the runs have validation curves")
     args = parser.parse_args(argv)
     try:
-        write_report(args.sweep_dir, args.margin)
-    except FileNotFoundError as err:
+        write_report(args.sweep_dir, args.margin, args.target)
+    except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

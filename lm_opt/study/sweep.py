@@ -1,4 +1,4 @@
-"""`python -m lm_opt sweep SPEC [--jobs N] [--slurm] [--dry-run]`: a grid of ordinary `fit` runs.
+"""`python -m lm_opt sweep SPEC [--jobs N] [--commit] [--slurm] [--dry-run]`: a grid of ordinary `fit` runs.
 
 Each point of the spec (planned and checked by `lm_opt.study.sweep_plan`) is one `python -m lm_opt
 fit` run in its own folder `out_dir/<point name>`, which holds the point's optimizer YAML (a
@@ -8,6 +8,10 @@ values, for `report`). Every point's config is parsed before anything launches. 
 finished and diverged points and resumes the others. Once a line's grid is done (an optimizer,
 at one value of the shared grid), its best point runs again with each of the spec's `seeds`,
 so that every comparison can be read against seed noise.
+
+With `--commit`, each point's record (its folder but checkpoints and event files) is committed to
+the checkout's git as soon as the point is done, so that a study longer than one sitting can be
+pushed as it goes and resumed from a fresh clone, which skips the committed points.
 """
 
 import argparse
@@ -95,6 +99,22 @@ def recorded_command(run_dir: Path) -> list[str] | None:
         return json.loads((run_dir / "point.json").read_text())["command"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def commit_record(point: Point) -> None:
+    """Commit a done point's folder, less checkpoints and event files, and nothing else that is staged."""
+    files = [str(f) for f in sorted(point.run_dir.iterdir()) if f.is_file() and not f.name.startswith("events.out")]
+    summary = read_summary(point.run_dir)
+    loss = summary.get("final_val_loss")
+    message = f"{point.run_dir.parent.name}: {point.name} {summary.get('status')}" + (
+        "" if loss is None else f" (final val loss {loss:.4f})")
+    try:
+        subprocess.run(["git", "add", "--force", "--", *files], check=True, capture_output=True, text=True)
+        subprocess.run(["git", "commit", "--quiet", "-m", message, "--", *files], check=True, capture_output=True,
+                       text=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        print(f"warning: could not commit {point.run_dir}: {str(detail).strip()}", flush=True)
 
 
 def write_point(point: Point, sweep: str) -> Path:
@@ -188,8 +208,9 @@ def launch(point: Point, slot: str | None, env: dict) -> subprocess.Popen:
                                 env=env)
 
 
-def execute(points: list[Point], jobs: int) -> dict[str, str | None]:
-    """Run the points' command.sh, `jobs` at a time (one GPU each where there are GPUs)."""
+def execute(points: list[Point], jobs: int, commit: bool = False) -> dict[str, str | None]:
+    """Run the points' command.sh, `jobs` at a time (one GPU each where there are GPUs); `commit`
+    commits each done point's record."""
     gpus = gpu_slots()
     slots: list[str | None] = gpus[:jobs] if gpus else [None] * jobs
     if gpus and jobs > len(gpus):
@@ -212,6 +233,8 @@ def execute(points: list[Point], jobs: int) -> dict[str, str | None]:
                 results[point.name] = problem = outcome(point, proc.returncode)
                 status = read_status(point.run_dir) if problem is None else f"CRASHED ({problem})"
                 print(f"[{i}/{len(points)}] {point.name}: {status} after {time.time() - start:.0f} s", flush=True)
+                if commit and point_state(point.run_dir) == "done":
+                    commit_record(point)
     except KeyboardInterrupt:
         # Ctrl-C reached the points too (one process group): let them write `interrupted` summaries.
         for proc in running:
@@ -248,13 +271,14 @@ def prepare(points: list[Point], spec: dict) -> list[Point]:
     for point in points:  # a done point keeps the record of what it ran
         if states[point.name] != "done" or not (point.run_dir / "command.sh").is_file():
             write_point(point, spec["name"])
-        elif recorded_command(point.run_dir) != command_of(point):
+        elif (recorded_command(point.run_dir) or [None])[1:] != command_of(point)[1:]:  # any interpreter
             print(f"warning: {point.name} is done but ran another command (see its command.sh); "
                   f"delete {point.run_dir} to rerun it with this spec")
     return [p for p in points if states[p.name] != "done"]
 
 
-def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool = False) -> dict[str, str | None]:
+def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool = False,
+              commit: bool = False) -> dict[str, str | None]:
     """Plan, validate, then run (or write the Slurm script for) a sweep; returns point -> problem or None."""
     if jobs < 1:
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
@@ -280,13 +304,13 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
                  if spec["seeds"] else ""))
         return {}
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
-    results = execute(todo, jobs) if todo else {}
+    results = execute(todo, jobs, commit) if todo else {}
     if spec["seeds"]:
         seeds = seed_points(points, spec["seeds"])
         todo = prepare(seeds, spec)
         print(f"seeds {spec['seeds']} at each line's best point: {len(seeds) - len(todo)} runs already done, "
               f"{len(todo)} to run", flush=True)
-        results.update(execute(todo, jobs) if todo else {})
+        results.update(execute(todo, jobs, commit) if todo else {})
     for name, problem in results.items():
         if problem:
             print(f"CRASHED {name}: {problem}; log: {spec['out_dir'] / name / 'fit.log'}; rerun the sweep to retry")
@@ -299,12 +323,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm_opt sweep", description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="sweep spec YAML, e.g. configs/sweeps/tiny_cpu.yaml")
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (one per GPU where there are GPUs)")
+    parser.add_argument("--commit", action="store_true",
+                        help="git-commit each point's record (not its checkpoints) as soon as it is done")
     parser.add_argument("--slurm", action="store_true",
                         help="write out_dir/sweep.sbatch (an array job) instead of running")
     parser.add_argument("--dry-run", action="store_true", help="check the spec and print the points and commands")
     args = parser.parse_args(argv)
     try:
-        results = run_sweep(args.spec, args.jobs, args.slurm, args.dry_run)
+        results = run_sweep(args.spec, args.jobs, args.slurm, args.dry_run, args.commit)
     except SpecError as err:
         print(f"lm_opt sweep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,6 +1,7 @@
 """A sweep spec read, checked and expanded into its points, before anything runs.
 
-A spec (YAML) names `base` configs, `optimizers` (label -> optimizer YAML and its own grid),
+A spec (YAML) names `base` configs, `optimizers` (label -> optimizer YAML, its own grid and its own
+fixed `overrides`, e.g. SOAP's `optimizer.init_args.max_precond_dim`),
 a shared `grid` crossed with every optimizer's grid, `seeds` to repeat each line's best point
 with once its grid is done, and `overrides`. Each point gets a copy
 of its optimizer's YAML with the swept values set in it, and the remaining keys as `--key
@@ -30,7 +31,7 @@ import yaml
 from lm_opt.errors import invalid_yaml
 
 SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "overrides")
-OPTIMIZER_KEYS = ("config", "grid")
+OPTIMIZER_KEYS = ("config", "grid", "overrides")
 OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""
 OPTIMIZER_YAML = "optimizer.yaml"
@@ -137,6 +138,7 @@ def load_spec(path: str | Path) -> dict:
         _check_keys(_mapping(entry, where), OPTIMIZER_KEYS, where)
         _existing_file(entry.get("config"), f"{where}.config")
         entry["grid"] = _check_grid(entry.get("grid") or {}, f"{where}.grid")
+        entry["overrides"] = _mapping(entry.get("overrides") or {}, f"{where}.overrides")
     return spec
 
 
@@ -250,7 +252,7 @@ def plan(spec: dict) -> list[Point]:
         for shared_combo in itertools.product(*(a.values for a in shared)):
             for own_combo in itertools.product(*(a.values for a in axes[:len(axes) - len(shared)])):
                 combo = own_combo + shared_combo
-                settings = dict(spec["overrides"])
+                settings = {**spec["overrides"], **entry["overrides"]}
                 for axis, value in zip(axes, combo):
                     settings.update(value if axis.key is None else {axis.key: value})
                 name = "_".join([label, *(fragment(n, v) for n, v in zip(names, combo))])

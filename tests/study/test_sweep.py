@@ -79,6 +79,45 @@ def test_a_route_key_sets_that_route_only(tmp_path):
     assert (routes[0]["optimizer"]["init_args"]["lr"], routes[1]["optimizer"]["init_args"]["lr"]) == (3.16e-3, 10.0)
 
 
+def test_an_optimizers_own_overrides_set_its_yaml_and_stay_out_of_names_and_other_optimizers(tmp_path):
+    spec = write_spec(tmp_path, optimizers={
+        "soap": {"config": "configs/optim/soap.yaml", "grid": {"lr": [1e-3]},
+                 "overrides": {"optimizer.init_args.max_precond_dim": 64, "trainer.max_steps": 3}},
+        "adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [1e-3]}}})
+    soap, adamw = sweep_plan.plan(sweep_plan.load_spec(spec))
+    assert (soap.name, adamw.name) == ("soap_lr1.00e-03", "adamw_lr1.00e-03")
+    assert sweep_plan.callback_init_args(soap.optimizer_yaml, "soap")["optimizer"]["init_args"]["max_precond_dim"] == 64
+    assert soap.overrides[soap.overrides.index("--trainer.max_steps") + 1] == "3"
+    assert "max_precond_dim" not in json.dumps(adamw.optimizer_yaml) + " ".join(adamw.overrides)
+    assert adamw.overrides[adamw.overrides.index("--trainer.max_steps") + 1] == "6"
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def test_commit_records_a_done_point_without_its_checkpoints_or_other_staged_work(tmp_path, monkeypatch):
+    for variable in ("GIT_AUTHOR", "GIT_COMMITTER"):
+        monkeypatch.setenv(f"{variable}_NAME", "lm_opt tests")
+        monkeypatch.setenv(f"{variable}_EMAIL", "tests@lm-opt.invalid")
+    git("init", "-q", cwd=tmp_path)
+    (tmp_path / ".gitignore").write_text("logs/*\n")
+    (tmp_path / "other.txt").write_text("work in progress")
+    git("add", ".gitignore", "other.txt", cwd=tmp_path)
+    run_dir = tmp_path / "logs" / "sweeps" / "study" / "adamw_lr1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (run_dir / "events.out.tfevents.1.host").write_bytes(b"curves")
+    (run_dir / "fit.log").write_text("log")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.25}))
+    monkeypatch.chdir(tmp_path)
+    sweep.commit_record(sweep_plan.Point("adamw_lr1", "adamw", {}, [], Path("logs/sweeps/study/adamw_lr1"), {}, [], []))
+    assert git("log", "-1", "--format=%s", cwd=tmp_path).strip() == "study: adamw_lr1 finished (final val loss 5.2500)"
+    assert git("show", "--name-only", "--format=", "HEAD", cwd=tmp_path).split() == [
+        "logs/sweeps/study/adamw_lr1/fit.log", "logs/sweeps/study/adamw_lr1/summary.json"]
+    assert git("diff", "--cached", "--name-only", cwd=tmp_path).split() == [".gitignore", "other.txt"]
+
+
 @pytest.mark.parametrize("spec", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_shipped_sweeps_parse(spec):
     """The first point of every optimizer of every shipped sweep parses as a `fit` command."""
@@ -202,7 +241,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """The micro-sweep with one Signum point (3 runs), its process group killed (-9) during the
-    second point (after its first checkpoint), then rerun."""
+    second point (after its first checkpoint), then rerun. About 60 s: the sweep launches each
+    point as its own `fit` process, as a user's sweep does, and a kill needs a real process."""
     tmp = tmp_path_factory.mktemp("micro")
     spec = write_spec(tmp, optimizers={
         "adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [1e-3, 1e-2]}},
