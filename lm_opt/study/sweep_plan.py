@@ -3,7 +3,8 @@
 A spec (YAML) names `base` configs, `optimizers` (label -> optimizer YAML, its own grid and its own
 fixed `overrides`, e.g. SOAP's `optimizer.init_args.max_precond_dim`),
 a shared `grid` crossed with every optimizer's grid, `seeds` to repeat each line's best point
-with once its grid is done, and `overrides`. Each point gets a copy
+with once its grid is done, `grid_seeds` to repeat the whole grid with (where a measure over
+the grid, such as the width of the stable lr range, needs its own seed noise), and `overrides`. Each point gets a copy
 of its optimizer's YAML with the swept values set in it, and the remaining keys as `--key
 value` arguments; `validate` parses a point's whole `fit` command before launch, so that a
 bad key or value fails naming its point rather than hours into the sweep.
@@ -30,7 +31,7 @@ import yaml
 
 from lm_opt.errors import invalid_yaml
 
-SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "overrides")
+SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "overrides")
 OPTIMIZER_KEYS = ("config", "grid", "overrides")
 OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""
@@ -123,10 +124,14 @@ def load_spec(path: str | Path) -> dict:
     spec["base"] = [_existing_file(b, f"base[{i}]") for i, b in enumerate(base)]
     spec["out_dir"] = Path(spec.get("out_dir") or Path("logs") / "sweeps" / name)
     spec["grid"] = _check_grid(spec.get("grid") or {}, "grid")
-    seeds = spec.get("seeds") or []
-    if not isinstance(seeds, list) or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
-        raise SpecError(f"seeds: needs a list of distinct integers (extra seeds at each best point), got {seeds!r}")
-    spec["seeds"] = seeds
+    for key, what in (("seeds", "extra seeds at each best point"), ("grid_seeds", "extra seeds for the whole grid")):
+        seeds = spec.get(key) or []
+        if not isinstance(seeds, list) or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
+            raise SpecError(f"{key}: needs a list of distinct integers ({what}), got {seeds!r}")
+        spec[key] = seeds
+    if set(spec["seeds"]) & set(spec["grid_seeds"]):
+        raise SpecError(f"seeds {spec['seeds']} and grid_seeds {spec['grid_seeds']} share a seed; "
+                        "a point would run twice")
     spec["overrides"] = _mapping(spec.get("overrides") or {}, "overrides")
     optimizers = _mapping(spec.get("optimizers"), "optimizers")
     if not optimizers:

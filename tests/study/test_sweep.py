@@ -92,6 +92,17 @@ def test_an_optimizers_own_overrides_set_its_yaml_and_stay_out_of_names_and_othe
     assert adamw.overrides[adamw.overrides.index("--trainer.max_steps") + 1] == "6"
 
 
+def test_grid_seeds_run_every_point_again_and_seeds_repeat_only_the_best(tmp_path, capsys, no_launch):
+    spec = write_spec(tmp_path, grid_seeds=[7], seeds=[8])
+    sweep.run_sweep(str(spec), dry_run=True)
+    printed = capsys.readouterr().out
+    assert "8 points" in printed
+    assert "signum_lr1.00e-04_seed7" in printed and "--seed_everything 7" in printed
+    assert "then each line's best point with seeds [8]" in printed
+    with pytest.raises(sweep_plan.SpecError, match="share a seed"):
+        sweep_plan.load_spec(write_spec(tmp_path, grid_seeds=[1, 2], seeds=[2]))
+
+
 def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
