@@ -13,7 +13,8 @@ Grid keys are dotted config keys (`model.qk_norm`, `trainer.max_steps`), or keys
 optimizer YAML's OptimizerCallback: `optimizer.init_args.eps`, `routes.1.optimizer.init_args.lr`,
 and the shorthands `lr` and `beta1` (of the optimizer, or of its first route). A grid whose
 values are mappings is a paired axis: each value sets several keys together, e.g.
-`{model.qk_norm: false, model.z_loss: 0.0}`.
+`{model.qk_norm: false, model.z_loss: 0.0}`; one whose keys all take the same value (`lr: [{routes.0.
+optimizer.init_args.lr: 1.0e-3, routes.1.optimizer.init_args.lr: 1.0e-3}, ...]`) is named by it.
 """
 
 import copy
@@ -184,6 +185,14 @@ def format_value(value: Any) -> str:
     return re.sub(r"[^\w.+-]", "-", str(value))
 
 
+def shown_value(value: Any) -> Any:
+    """A paired axis that sets one value on all its keys (one lr for two routes) is named, reported
+    and plotted by that value; other values as they are."""
+    if isinstance(value, dict) and len({repr(v) for v in value.values()}) == 1:
+        return next(iter(value.values()))
+    return value
+
+
 def fragment(name: str, value: Any) -> str:
     """An axis' part of a point name: `lr3.16e-04`, `beta1-0.9`, `qk_norm-false`."""
     text = format_value(value)
@@ -260,9 +269,10 @@ def plan(spec: dict) -> list[Point]:
                 settings = {**spec["overrides"], **entry["overrides"]}
                 for axis, value in zip(axes, combo):
                     settings.update(value if axis.key is None else {axis.key: value})
-                name = "_".join([label, *(fragment(n, v) for n, v in zip(names, combo))])
+                shown = [shown_value(v) for v in combo]
+                name = "_".join([label, *(fragment(n, v) for n, v in zip(names, shown))])
                 optimizer_yaml, overrides = split_settings(name, label, settings, source, entry["config"])
-                points.append(Point(name, label, dict(zip(names, combo)), names[len(axes) - len(shared):],
+                points.append(Point(name, label, dict(zip(names, shown)), names[len(axes) - len(shared):],
                                     spec["out_dir"] / name, optimizer_yaml, spec["base"], overrides))
     seen: dict[str, Point] = {}
     for p in points:
