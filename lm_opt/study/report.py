@@ -312,18 +312,21 @@ def target_section(described: str, every: str, timed: list[dict]) -> list[str]:
              f"Target: {described}. For each line's best point and its seeds, the step at which the validation "
              f"curve first reaches the target, interpolated linearly between validations ({every}; the answer is no "
              "finer than that). Mean and range over the runs that reach it; the fraction is of the run's steps. Step "
-             f"time is the median wall time of a training step in those runs; the ratio divides by {REFERENCE}'s.",
+             f"time is the median wall time of a training step in those runs; its ratio divides by {REFERENCE}'s. "
+             f"Time to target is steps to target x step time, over {REFERENCE}'s whole run.",
              "", "| optimizer | condition | best value | reached / runs | steps to target | range | fraction of "
-             "the run | step time (ms) | vs " + REFERENCE + " | optimizer state (bytes/param) |", "|" + " --- |" * 10]
+             "the run | step time (ms) | vs " + REFERENCE + f" | time to target vs {REFERENCE}'s run "
+             "| optimizer state (bytes/param) |", "|" + " --- |" * 11]
     for e in timed:
         mean = f"{e['mean']:.0f}" if "mean" in e else "not reached"
         span = f"{e['low']:.0f} .. {e['high']:.0f}" if "mean" in e else ""
         fraction = f"{e['fraction']:.2f}" if "fraction" in e else ""
         ms = f"{1e3 * e['step_time_s']:.0f}" if "step_time_s" in e else ""
         ratio = f"{e['step_time_ratio']:.2f}" if "step_time_ratio" in e else ""
+        time_ratio = f"{e['time_ratio']:.2f}" if "time_ratio" in e else ""
         state = f"{e['state_bytes_per_param']:.1f}" if "state_bytes_per_param" in e else ""
         lines.append(f"| {e['optimizer']} | {e['condition']} | {show(e['best_x'])} | {e['reached']} / {e['runs']} "
-                     f"| {mean} | {span} | {fraction} | {ms} | {ratio} | {state} |")
+                     f"| {mean} | {span} | {fraction} | {ms} | {ratio} | {time_ratio} | {state} |")
     return lines + [""]
 
 

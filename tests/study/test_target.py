@@ -62,7 +62,8 @@ def test_report_gives_steps_to_the_reference_mean_final_loss_with_cost_ratios(sw
     # adamw: seeds 0 and 2 reach 5.0 (at 80, and at 40 + 40 * 0.75/1.0 = 70), seed 1 never
     assert rows["adamw"][3:7] == ["2 / 3", "75", "70 .. 80", "0.94"]
     # soap: 40 + 40 * 0.5/1.0 = 60 and 40 (at its first validation): mean 50
-    assert rows["soap"][3:10] == ["2 / 2", "50", "40 .. 60", "0.62", "150", "1.50", "24.0"]
+    # time to target: 50 steps x 1.5 of adamw's step time, over adamw's 80 steps
+    assert rows["soap"][3:11] == ["2 / 2", "50", "40 .. 60", "0.62", "150", "1.50", "0.94", "24.0"]
     assert rows["sgd"][3:5] == ["0 / 1", "not reached"]
     assert (sweep_dir / "plot_curves.png").stat().st_size > 10_000
 
