@@ -285,9 +285,12 @@ def micro(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_recheck_reruns_recorded_points_and_flags_one_that_does_not_match(micro, tmp_path, capsys):
+def test_recheck_reruns_recorded_points_and_flags_one_that_does_not_match(micro, tmp_path, capsys, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(micro["out"], out)
+    rerun = recheck.rerun
+    reruns = []
+    monkeypatch.setattr(recheck, "rerun", lambda *args: reruns.append(rerun(*args)) or reruns[-1])
     recheck.main([str(out), "--points", "1", "--seed", "3"])
     printed = capsys.readouterr().out
     assert "(+0.0000)" in printed and "BEYOND" not in printed
@@ -295,6 +298,7 @@ def test_recheck_reruns_recorded_points_and_flags_one_that_does_not_match(micro,
     summary = json.loads((point / "summary.json").read_text())
     summary["final_val_loss"] += 0.05
     (point / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(recheck, "rerun", lambda *args: reruns[0])  # the same rerun, against the changed record
     with pytest.raises(SystemExit) as exit_:
         recheck.main([str(out), "--points", "1", "--seed", "3"])
     assert exit_.value.code == 1 and "BEYOND 0.02" in capsys.readouterr().out
