@@ -92,7 +92,9 @@ class StepWindow(L.Callback):
             self.end = time.perf_counter()
 
 
-def fit(setting: str, args: argparse.Namespace, steps: int, profile_steps: int = 0) -> tuple[LMModule, StepWindow]:
+def fit(setting: str, args: argparse.Namespace, steps: int, profile_steps: int = 0,
+        optimizer: OptimizerCallback | None = None) -> tuple[LMModule, StepWindow]:
+    """`warmup + steps` training steps of the preset on random tokens (fused AdamW unless `optimizer`)."""
     precision, _, compiled = setting.partition("+")
     torch.manual_seed(0)
     module = LMModule(preset=args.preset, compile=bool(compiled))
@@ -102,7 +104,7 @@ def fit(setting: str, args: argparse.Namespace, steps: int, profile_steps: int =
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=precision, max_steps=args.warmup + steps, gradient_clip_val=1.0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[OptimizerCallback(optimizer=ADAMW), window])
+        limit_val_batches=0, callbacks=[optimizer or OptimizerCallback(optimizer=ADAMW), window])
     data = RandomTokens(module.config.vocab_size, args.batch_size, args.seq_len, args.warmup + steps)
     trainer.fit(module, datamodule=data)
     return module, window

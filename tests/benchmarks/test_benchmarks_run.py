@@ -16,6 +16,9 @@ SMOKE = {
     "optim_memory": ["--presets", "tiny"],
     "batched_refresh": ["--dim", "16", "--count", "2", "--rounds", "1"],
     "gpu_memory": ["--device", "cpu", "--smoke"],
+    "train_step": ["--preset", "tiny", "--batch_size", "2", "--seq_len", "16", "--steps", "2", "--warmup", "1",
+                   "--rounds", "1", "--max_precond_dim", "64", "--configs", "configs/optim/adamw.yaml",
+                   "configs/optim/soap.yaml", "configs/optim/muon.yaml"],
     "sharded_step": ["--preset", "tiny", "--steps", "1", "--optimizers", "AdamW", "Adafactor", "SOAP", "Muon"],
 }
 
