@@ -34,7 +34,9 @@ class RunRecord(SaveConfigCallback):
 
     The summary also holds the validation curve (`val_curve`: [step, loss] pairs, kept across a
     resume through the checkpoint, for steps-to-target in `report`) and the median wall time of
-    this process's training steps (`step_time_s`, hooks to hooks, for per-step cost ratios).
+    this process's training steps (`step_time_s`, hooks to hooks, for per-step cost ratios), and
+    the bytes of the optimizer state this process holds (`optimizer_state_bytes`; a DTensor counts
+    whole, state kept by its owner rank alone does not).
 
     Status is `finished`, `diverged` (with what the divergence callback recorded),
     `interrupted` (Ctrl-C; SIGTERM or Slurm's SIGUSR1, after saving the step: lm_opt.callbacks.preemption)
