@@ -22,6 +22,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader
 
 from lm_opt.callbacks import OptimizerCallback
+from lm_opt.callbacks.throughput import dense_peak_flops
 from lm_opt.module import LMModule
 
 OPTIMIZERS = {
@@ -119,6 +120,7 @@ def run(preset: str, optimizer: str, args: argparse.Namespace) -> dict[str, floa
     tokens_per_s = args.batch_size * args.seq_len * args.accumulate / step_s
     device = trainer.strategy.root_device
     peak = get_available_flops(device, torch.bfloat16 if "bf16" in args.precision else torch.float32)
+    peak = peak or ("bf16" in args.precision and dense_peak_flops(device)) or None
     mfu = module.model.flops_per_token(args.seq_len) * tokens_per_s / peak if peak else float("nan")
     memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return {"tokens/s": tokens_per_s, "MFU": mfu, "peak_GiB": memory, "step_ms": 1e3 * step_s,

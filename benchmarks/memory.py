@@ -7,8 +7,9 @@ the two AdamW states are known exactly (16 bytes a parameter); the rest, activat
 temporaries, is fitted linearly in `features` over small measured shapes, checked on a held-out
 shape, and cross-checked at each preset's full shape by tracing the same step under
 FakeTensorMode (shapes only, no memory). The model runs eagerly: torch.compile (the presets'
-default) fuses some of the float32 logits away, so this bounds a compiled run from above. It has
-not been checked against a GPU.
+default) fuses some of the float32 logits away, so this bounds a compiled run from above.
+`benchmarks.gpu_memory` runs the same step on a GPU against this prediction (README: within 1% of
+torch.cuda.max_memory_allocated on an H200).
 
     python -m benchmarks.memory            # fit, checks, the shipped configs' table, the choice
     python -m benchmarks.memory --no-fit   # the tables only, from the stored fit (seconds)

@@ -136,6 +136,20 @@ def stability(rows: list[dict], margin: float) -> list[dict]:
     return out
 
 
+def stability_per_seed(rows: list[dict], margin: float) -> list[dict]:
+    """Where a line's whole grid ran again with other seeds (a spec's `grid_seeds`): the width of its
+    stable range under each seed, the grid's own first. Their spread is that measure's noise."""
+    out = {(e["optimizer"], e["condition"]): {**e, "widths": [e.get("decades")]} for e in stability(rows, margin)}
+    repeated = set()
+    for seed in sorted({r["seed"] for r in rows if r["seed"] is not None}):
+        for e in stability([dict(r, seed=None) for r in rows if r["seed"] == seed], margin):
+            line = out.get((e["optimizer"], e["condition"]))
+            if line is not None and e["points"] == line["points"]:
+                line["widths"].append(e.get("decades"))
+                repeated.add((e["optimizer"], e["condition"]))
+    return [line for key, line in out.items() if key in repeated]
+
+
 def seed_noise(rows: list[dict]) -> dict[tuple, dict]:
     """(optimizer, condition, x) -> n, mean, std, min, max of the final loss over its seeds,
     where a point ran with more than one seed (every seed must have finished)."""
@@ -211,7 +225,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict | None, plots: list[Path],
-             margin: float, timed: tuple[str, list[dict]] | None = None) -> str:
+             margin: float, timed: tuple[str, str, list[dict]] | None = None,
+             per_seed: list[dict] | None = None) -> str:
     axes = axes_of(rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     best = {(s["optimizer"], s["condition"]): s.get("best_point") for s in stable}
@@ -257,6 +272,16 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
         lines.append(f"| {s['optimizer']} | {s['condition']} | {s['axis']} | {show(s.get('best_x', ''))} "
                      f"| {number(s.get('best_loss'))} | {span} | {decades} "
                      f"| {s.get('within', 0)} / {s['finished']} / {s['points']} |")
+    if per_seed:
+        lines += ["", f"## Stability under each seed: width (decades) of the range within {margin} nats", "",
+                  "Lines whose whole grid ran with more than one seed; the first width is the grid's own seed.", "",
+                  "| optimizer | condition | widths | mean | range |", "|" + " --- |" * 5]
+        for line in per_seed:
+            known = [w for w in line["widths"] if w is not None]
+            widths = ", ".join("" if w is None else f"{w:.2f}" for w in line["widths"])
+            mean = f"{sum(known) / len(known):.2f}" if known else ""
+            span = f"{min(known):.2f} .. {max(known):.2f}" if known else ""
+            lines.append(f"| {line['optimizer']} | {line['condition']} | {widths} | {mean} | {span} |")
     problems = [r for r in rows if r["status"] not in ("finished", "diverged")]
     if problems:
         lines += ["", "## Not finished", ""] + [
@@ -416,7 +441,8 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, target: str | None
         timed = described, validation_interval(rows), time_to_target(lines, goal, REFERENCE)
     if curves and plot_curves(lines, sweep_dir / "plot_curves.png", goal, unigram):
         plots.append(sweep_dir / "plot_curves.png")
-    (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed))
+    per_seed = stability_per_seed(rows, margin)
+    (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed, per_seed))
     print(f"report: {sweep_dir / 'results.md'}, results.csv, " + ", ".join(p.name for p in plots))
     return sweep_dir / "results.md"
 

@@ -7,7 +7,7 @@ the point alone; local runs and Slurm tasks both run exactly it) and `point.json
 values, for `report`). Every point's config is parsed before anything launches. A rerun skips
 finished and diverged points and resumes the others. Once a line's grid is done (an optimizer,
 at one value of the shared grid), its best point runs again with each of the spec's `seeds`,
-so that every comparison can be read against seed noise.
+so that every comparison can be read against seed noise; `grid_seeds` run every point again.
 
 With `--commit`, each point's record (its folder but checkpoints and event files) is committed to
 the checkout's git as soon as the point is done, so that a study longer than one sitting can be
@@ -283,7 +283,8 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
     if jobs < 1:
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
     spec = load_spec(spec_path)
-    points = plan(spec)
+    grid = plan(spec)
+    points = grid + [with_seed(p, seed) for seed in spec["grid_seeds"] for p in grid]
     print(f"sweep {spec['name']}: {len(points)} points in {spec['out_dir']}; checking every point's config", flush=True)
     for point in points:
         validate(point)
@@ -297,7 +298,7 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
     (spec["out_dir"] / "sweep.yaml").write_text(Path(spec_path).read_text())
     todo = prepare(points, spec)
     if slurm:
-        seeds = seed_points(points, spec["seeds"])
+        seeds = seed_points(grid, spec["seeds"])
         prepare(seeds, spec)
         print(f"wrote {write_slurm(points + seeds, spec)} ({len(points + seeds)} tasks); submit it with sbatch"
               + (f"; {len(seeds)} of them are seed repeats, the others come once the grid is done"
@@ -306,7 +307,7 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
     results = execute(todo, jobs, commit) if todo else {}
     if spec["seeds"]:
-        seeds = seed_points(points, spec["seeds"])
+        seeds = seed_points(grid, spec["seeds"])
         todo = prepare(seeds, spec)
         print(f"seeds {spec['seeds']} at each line's best point: {len(seeds) - len(todo)} runs already done, "
               f"{len(todo)} to run", flush=True)

@@ -3,7 +3,8 @@
 A spec (YAML) names `base` configs, `optimizers` (label -> optimizer YAML, its own grid and its own
 fixed `overrides`, e.g. SOAP's `optimizer.init_args.max_precond_dim`),
 a shared `grid` crossed with every optimizer's grid, `seeds` to repeat each line's best point
-with once its grid is done, and `overrides`. Each point gets a copy
+with once its grid is done, `grid_seeds` to repeat the whole grid with (where a measure over
+the grid, such as the width of the stable lr range, needs its own seed noise), and `overrides`. Each point gets a copy
 of its optimizer's YAML with the swept values set in it, and the remaining keys as `--key
 value` arguments; `validate` parses a point's whole `fit` command before launch, so that a
 bad key or value fails naming its point rather than hours into the sweep.
@@ -12,7 +13,8 @@ Grid keys are dotted config keys (`model.qk_norm`, `trainer.max_steps`), or keys
 optimizer YAML's OptimizerCallback: `optimizer.init_args.eps`, `routes.1.optimizer.init_args.lr`,
 and the shorthands `lr` and `beta1` (of the optimizer, or of its first route). A grid whose
 values are mappings is a paired axis: each value sets several keys together, e.g.
-`{model.qk_norm: false, model.z_loss: 0.0}`.
+`{model.qk_norm: false, model.z_loss: 0.0}`; one whose keys all take the same value (`lr: [{routes.0.
+optimizer.init_args.lr: 1.0e-3, routes.1.optimizer.init_args.lr: 1.0e-3}, ...]`) is named by it.
 """
 
 import copy
@@ -30,7 +32,7 @@ import yaml
 
 from lm_opt.errors import invalid_yaml
 
-SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "overrides")
+SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "overrides")
 OPTIMIZER_KEYS = ("config", "grid", "overrides")
 OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""
@@ -123,10 +125,14 @@ def load_spec(path: str | Path) -> dict:
     spec["base"] = [_existing_file(b, f"base[{i}]") for i, b in enumerate(base)]
     spec["out_dir"] = Path(spec.get("out_dir") or Path("logs") / "sweeps" / name)
     spec["grid"] = _check_grid(spec.get("grid") or {}, "grid")
-    seeds = spec.get("seeds") or []
-    if not isinstance(seeds, list) or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
-        raise SpecError(f"seeds: needs a list of distinct integers (extra seeds at each best point), got {seeds!r}")
-    spec["seeds"] = seeds
+    for key, what in (("seeds", "extra seeds at each best point"), ("grid_seeds", "extra seeds for the whole grid")):
+        seeds = spec.get(key) or []
+        if not isinstance(seeds, list) or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
+            raise SpecError(f"{key}: needs a list of distinct integers ({what}), got {seeds!r}")
+        spec[key] = seeds
+    if set(spec["seeds"]) & set(spec["grid_seeds"]):
+        raise SpecError(f"seeds {spec['seeds']} and grid_seeds {spec['grid_seeds']} share a seed; "
+                        "a point would run twice")
     spec["overrides"] = _mapping(spec.get("overrides") or {}, "overrides")
     optimizers = _mapping(spec.get("optimizers"), "optimizers")
     if not optimizers:
@@ -177,6 +183,14 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "-".join(format_value(v) for v in value)
     return re.sub(r"[^\w.+-]", "-", str(value))
+
+
+def shown_value(value: Any) -> Any:
+    """A paired axis that sets one value on all its keys (one lr for two routes) is named, reported
+    and plotted by that value; other values as they are."""
+    if isinstance(value, dict) and len({repr(v) for v in value.values()}) == 1:
+        return next(iter(value.values()))
+    return value
 
 
 def fragment(name: str, value: Any) -> str:
@@ -255,9 +269,10 @@ def plan(spec: dict) -> list[Point]:
                 settings = {**spec["overrides"], **entry["overrides"]}
                 for axis, value in zip(axes, combo):
                     settings.update(value if axis.key is None else {axis.key: value})
-                name = "_".join([label, *(fragment(n, v) for n, v in zip(names, combo))])
+                shown = [shown_value(v) for v in combo]
+                name = "_".join([label, *(fragment(n, v) for n, v in zip(names, shown))])
                 optimizer_yaml, overrides = split_settings(name, label, settings, source, entry["config"])
-                points.append(Point(name, label, dict(zip(names, combo)), names[len(axes) - len(shared):],
+                points.append(Point(name, label, dict(zip(names, shown)), names[len(axes) - len(shared):],
                                     spec["out_dir"] / name, optimizer_yaml, spec["base"], overrides))
     seen: dict[str, Point] = {}
     for p in points:

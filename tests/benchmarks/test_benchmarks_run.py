@@ -15,6 +15,7 @@ SMOKE = {
     "eff_lr_overhead": ["--steps", "8", "--every", "2", "--batch_size", "2", "--seq_len", "16"],
     "optim_memory": ["--presets", "tiny"],
     "batched_refresh": ["--dim", "16", "--count", "2", "--rounds", "1"],
+    "gpu_memory": ["--device", "cpu", "--smoke"],
     "sharded_step": ["--preset", "tiny", "--steps", "1", "--optimizers", "AdamW", "Adafactor", "SOAP", "Muon"],
 }
 

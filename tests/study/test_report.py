@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_opt.study.report import main, stability, load_rows
+from lm_opt.study.report import load_rows, main, stability, stability_per_seed
 
 PAIRED_ON = {"model.qk_norm": True, "model.z_loss": 1e-4}
 
@@ -126,3 +126,19 @@ def test_seed_repeats_give_the_noise_a_difference_must_exceed(tmp_path):
         "adamw": 2, "lion": 2, "signum": 2}
     csv_rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert sorted(r["seed"] for r in csv_rows if r["optimizer"] == "adamw") == ["", "", "1", "2"]
+
+
+def test_a_grid_run_again_under_another_seed_gives_the_stable_width_under_each_seed(tmp_path):
+    for lr, grid_loss, seed1_loss in [(1e-3, 4.5, 4.05), (3.16e-3, 4.0, 4.0), (1e-2, 4.05, 4.6), (3.16e-2, 4.3, 4.7)]:
+        point(tmp_path, f"adamw_lr{lr:.2e}", "adamw", {"lr": lr}, "finished", grid_loss)
+        point(tmp_path, f"adamw_lr{lr:.2e}_seed1", "adamw", {"lr": lr, "seed": 1}, "finished", seed1_loss)
+    point(tmp_path, "sgd_lr1", "sgd", {"lr": 1.0}, "finished", 6.0)
+    point(tmp_path, "sgd_lr1_seed1", "sgd", {"lr": 1.0, "seed": 1}, "finished", 6.1)  # a best-point repeat
+    point(tmp_path, "sgd_lr10", "sgd", {"lr": 10.0}, "finished", 7.0)
+    lines = stability_per_seed(load_rows(tmp_path), margin=0.1)
+    assert [(line["optimizer"], line["widths"]) for line in lines] == [("adamw", [pytest.approx(0.5, abs=1e-3)] * 2)]
+    wide = stability_per_seed(load_rows(tmp_path), margin=0.35)
+    assert wide[0]["widths"] == [pytest.approx(1.0, abs=1e-3), pytest.approx(0.5, abs=1e-3)]
+    main([str(tmp_path), "--margin", "0.35"])
+    table = (tmp_path / "results.md").read_text().split("## Stability under each seed")[1]
+    assert "| adamw |  | 1.00, 0.50 | 0.75 | 0.50 .. 1.00 |" in table and "| sgd |" not in table

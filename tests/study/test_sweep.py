@@ -79,6 +79,16 @@ def test_a_route_key_sets_that_route_only(tmp_path):
     assert (routes[0]["optimizer"]["init_args"]["lr"], routes[1]["optimizer"]["init_args"]["lr"]) == (3.16e-3, 10.0)
 
 
+def test_a_paired_axis_with_one_value_for_its_keys_is_named_and_reported_by_it(tmp_path):
+    both = [{"routes.0.optimizer.init_args.lr": lr, "routes.1.optimizer.init_args.lr": lr} for lr in (1e-3, 1e-2)]
+    spec = write_spec(tmp_path, optimizers={"frozen": {"config": "configs/optim/frozen_adalayer.yaml",
+                                                       "grid": {"lr": both}}})
+    points = sweep_plan.plan(sweep_plan.load_spec(spec))
+    assert [(p.name, p.values) for p in points] == [("frozen_lr1.00e-03", {"lr": 1e-3}), ("frozen_lr0.01", {"lr": 1e-2})]
+    routes = points[1].optimizer_yaml["trainer"]["callbacks"][0]["init_args"]["routes"]
+    assert [r["optimizer"]["init_args"]["lr"] for r in routes] == [1e-2, 1e-2]
+
+
 def test_an_optimizers_own_overrides_set_its_yaml_and_stay_out_of_names_and_other_optimizers(tmp_path):
     spec = write_spec(tmp_path, optimizers={
         "soap": {"config": "configs/optim/soap.yaml", "grid": {"lr": [1e-3]},
@@ -90,6 +100,17 @@ def test_an_optimizers_own_overrides_set_its_yaml_and_stay_out_of_names_and_othe
     assert soap.overrides[soap.overrides.index("--trainer.max_steps") + 1] == "3"
     assert "max_precond_dim" not in json.dumps(adamw.optimizer_yaml) + " ".join(adamw.overrides)
     assert adamw.overrides[adamw.overrides.index("--trainer.max_steps") + 1] == "6"
+
+
+def test_grid_seeds_run_every_point_again_and_seeds_repeat_only_the_best(tmp_path, capsys, no_launch):
+    spec = write_spec(tmp_path, grid_seeds=[7], seeds=[8])
+    sweep.run_sweep(str(spec), dry_run=True)
+    printed = capsys.readouterr().out
+    assert "8 points" in printed
+    assert "signum_lr1.00e-04_seed7" in printed and "--seed_everything 7" in printed
+    assert "then each line's best point with seeds [8]" in printed
+    with pytest.raises(sweep_plan.SpecError, match="share a seed"):
+        sweep_plan.load_spec(write_spec(tmp_path, grid_seeds=[1, 2], seeds=[2]))
 
 
 def git(*args: str, cwd: Path) -> str:
