@@ -1,5 +1,5 @@
 """`python -m lm_opt fit|validate|test ...` (the Lightning CLI), and the study's tools:
-`sweep SPEC`, `report SWEEP_DIR`, `plot-eff-lr RUN_DIR`."""
+`sweep SPEC`, `report SWEEP_DIR`, `recheck SWEEP_DIR`, `plot-eff-lr RUN_DIR`."""
 
 import os
 import sys
@@ -7,6 +7,7 @@ import sys
 TOOLS = {
     "sweep": "lm_opt.study.sweep",
     "report": "lm_opt.study.report",
+    "recheck": "lm_opt.study.recheck",
     "plot-eff-lr": "lm_opt.study.plot_eff_lr",
 }
 

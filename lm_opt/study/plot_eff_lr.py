@@ -1,9 +1,12 @@
 """`python -m lm_opt plot-eff-lr RUN_DIR`: the study's figure of effective-lr quantiles per layer
-over training, from a run's TensorBoard logs (written by EffectiveLRQuantiles)."""
+over training, from a run's TensorBoard logs (written by EffectiveLRQuantiles), and the numbers
+read off it (`eff_lr.md`): per panel, how far each tensor's effective lr spreads within the
+tensor (decades from its 5th to its 95th percentile) and how far its median moves over training."""
 
 import argparse
 import math
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -99,6 +102,28 @@ def plot(series: dict[str, dict[int, list[tuple[int, float]]]], out: Path, title
     plt.close(fig)
 
 
+def decades(high: float, low: float) -> float:
+    return math.log10(high / low) if high > 0 and low > 0 else math.nan
+
+
+def numbers(series: dict[str, dict[int, list[tuple[int, float]]]]) -> list[str]:
+    """A markdown table per panel: the median over its tensors of (a) the spread within a tensor at
+    the last logged step, log10(q95 / q5), and (b) the change of a tensor's median over training,
+    log10(max / min) of it across the logged steps; with the median effective lr at the first and
+    last logged steps."""
+    lines = ["| panel | tensors | median eff. lr, first log | last log | spread within a tensor, last log "
+             "(decades q5..q95) | change of a tensor's median over training (decades) |", "|" + " --- |" * 6]
+    for kind, names in panels(list(series)).items():
+        first = statistics.median(series[n][50][0][1] for n in names)
+        last = statistics.median(series[n][50][-1][1] for n in names)
+        spread = statistics.median(decades(series[n][95][-1][1], series[n][5][-1][1]) for n in names)
+        moved = statistics.median(decades(max(v for _, v in series[n][50]), min(v for _, v in series[n][50]))
+                                  for n in names)
+        lines.append(f"| {kind} | {len(names)} | {first:.3g} | {last:.3g} | {spread:.2f} | {moved:.2f} |")
+    steps = [s for s, _ in next(iter(series.values()))[50]]
+    return [f"Logged at steps {steps[0]} .. {steps[-1]} ({len(steps)} times).", ""] + lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm_opt plot-eff-lr", description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a run folder, e.g. logs/quickstart")
@@ -114,4 +139,6 @@ def main(argv: list[str] | None = None) -> None:
                      "and an adaptive optimizer")
     out = args.out or args.run_dir / "eff_lr.png"
     plot(series, out, title=args.run_dir.name)
-    print(f"wrote {out} ({len(series)} tensors in {len(panels(list(series)))} panels)")
+    table = out.with_suffix(".md")
+    table.write_text("\n".join([f"# Effective learning rates of {args.run_dir.name}", "", *numbers(series)]) + "\n")
+    print(f"wrote {out} ({len(series)} tensors in {len(panels(list(series)))} panels) and {table}")

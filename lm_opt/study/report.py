@@ -1,5 +1,5 @@
-"""`python -m lm_opt report SWEEP_DIR [--margin 0.05] [--target adamw]`: a sweep's table, plots, stability
-and steps to a target loss.
+"""`python -m lm_opt report SWEEP_DIR [--margin 0.05] [--target adamw ...]`: a sweep's table, plots, stability
+and steps to target losses.
 
 Reads the point folders alone: each one's `point.json` (optimizer and swept values, written by
 `sweep`) and `summary.json` (written by the run). A folder with only a `summary.json` (a run
@@ -225,7 +225,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict | None, plots: list[Path],
-             margin: float, timed: tuple[str, str, list[dict]] | None = None,
+             margin: float, timed: list[tuple[str, str, list[dict]]] | None = None,
              per_seed: list[dict] | None = None) -> str:
     axes = axes_of(rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
@@ -251,8 +251,8 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
                          f"| {f['std']:.4f} | {f['min']:.4f} .. {f['max']:.4f} "
                          f"| {'' if not base else format(f['mean'] - unigram, '+.4f')} | {delta} | {beyond} |")
         lines.append("")
-    if timed:
-        lines += target_section(*timed)
+    for section in timed or []:
+        lines += target_section(*section)
     lines += ["## Every run", "", "| point | optimizer | " + " | ".join(axes) + " | seed | final val loss | vs unigram "
               "| best val loss | status | steps | tokens | wall time (s) |", "|" + " --- |" * (len(axes) + 10)]
     for r in rows:
@@ -308,28 +308,31 @@ def validation_interval(rows: list[dict]) -> str:
 
 
 def target_section(described: str, every: str, timed: list[dict]) -> list[str]:
-    lines = ["## Steps to target", "",
+    lines = [f"## Steps to target: {described.split(',')[0]}", "",
              f"Target: {described}. For each line's best point and its seeds, the step at which the validation "
              f"curve first reaches the target, interpolated linearly between validations ({every}; the answer is no "
              "finer than that). Mean and range over the runs that reach it; the fraction is of the run's steps. Step "
-             f"time is the median wall time of a training step in those runs; the ratio divides by {REFERENCE}'s.",
+             f"time is the median wall time of a training step in those runs; its ratio divides by {REFERENCE}'s. "
+             f"Time to target is steps to target x step time, over {REFERENCE}'s whole run.",
              "", "| optimizer | condition | best value | reached / runs | steps to target | range | fraction of "
-             "the run | step time (ms) | vs " + REFERENCE + " | optimizer state (bytes/param) |", "|" + " --- |" * 10]
+             "the run | step time (ms) | vs " + REFERENCE + f" | time to target vs {REFERENCE}'s run "
+             "| optimizer state (bytes/param) |", "|" + " --- |" * 11]
     for e in timed:
         mean = f"{e['mean']:.0f}" if "mean" in e else "not reached"
         span = f"{e['low']:.0f} .. {e['high']:.0f}" if "mean" in e else ""
         fraction = f"{e['fraction']:.2f}" if "fraction" in e else ""
         ms = f"{1e3 * e['step_time_s']:.0f}" if "step_time_s" in e else ""
         ratio = f"{e['step_time_ratio']:.2f}" if "step_time_ratio" in e else ""
+        time_ratio = f"{e['time_ratio']:.2f}" if "time_ratio" in e else ""
         state = f"{e['state_bytes_per_param']:.1f}" if "state_bytes_per_param" in e else ""
         lines.append(f"| {e['optimizer']} | {e['condition']} | {show(e['best_x'])} | {e['reached']} / {e['runs']} "
-                     f"| {mean} | {span} | {fraction} | {ms} | {ratio} | {state} |")
+                     f"| {mean} | {span} | {fraction} | {ms} | {ratio} | {time_ratio} | {state} |")
     return lines + [""]
 
 
-def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, target: float | None,
+def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, targets: list[float],
                 unigram: float | None) -> bool:
-    """Validation loss against steps for each line's best point (seeds thin), the target dashed."""
+    """Validation loss against steps for each line's best point (seeds thin), the targets dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +350,7 @@ def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, target: float 
         seed = r["seed"] is not None
         ax.plot(steps, losses, color=colors[key], lw=0.8 if seed else 1.8, alpha=0.6 if seed else 1,
                 label=None if seed else " ".join(filter(None, [s["optimizer"], s["condition"], show(s["best_x"])])))
-    if target is not None:
+    for target in targets:
         ax.axhline(target, color="black", ls="--", lw=1, label=f"target ({target:.3f})")
     if unigram is not None:
         ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
@@ -414,10 +417,10 @@ def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | Non
     return True
 
 
-def write_report(sweep_dir: str | Path, margin: float = 0.05, target: str | None = None) -> Path:
-    """Write results.csv, results.md and the plots into `sweep_dir`; returns results.md. `target` (a
-    setup's label or a loss) adds steps to target; it defaults to the reference optimizer where the
-    runs have validation curves."""
+def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str] | None = None) -> Path:
+    """Write results.csv, results.md and the plots into `sweep_dir`; returns results.md. Each of
+    `targets` (a setup's label or a loss) adds steps to that target; they default to the reference
+    optimizer where the runs have validation curves."""
     sweep_dir = Path(sweep_dir)
     rows = load_rows(sweep_dir)
     if not rows:
@@ -432,14 +435,15 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, target: str | None
             plots.append(path)
     stable = stability(rows, margin)
     found = findings(stable, noise)
-    lines, timed, goal = best_runs(rows, stable), None, None
+    lines, timed, goals = best_runs(rows, stable), [], []
     curves = any(len(r.get("val_curve") or []) > 1 for _, runs in lines for r in runs)
-    if target is None and curves and any(s["optimizer"] == REFERENCE for s, _ in lines):
-        target = REFERENCE
-    if target is not None:
+    if not targets and curves and any(s["optimizer"] == REFERENCE for s, _ in lines):
+        targets = [REFERENCE]
+    for target in targets or []:
         goal, described = target_loss(target, stable, noise)
-        timed = described, validation_interval(rows), time_to_target(lines, goal, REFERENCE)
-    if curves and plot_curves(lines, sweep_dir / "plot_curves.png", goal, unigram):
+        goals.append(goal)
+        timed.append((described, validation_interval(rows), time_to_target(lines, goal, REFERENCE)))
+    if curves and plot_curves(lines, sweep_dir / "plot_curves.png", goals, unigram):
         plots.append(sweep_dir / "plot_curves.png")
     per_seed = stability_per_seed(rows, margin)
     (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed, per_seed))
@@ -451,8 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm_opt report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="a sweep's out_dir, e.g. logs/sweeps/tiny_cpu")
     parser.add_argument("--margin", type=float, default=0.05, help="nats above the best loss that count as stable")
-    parser.add_argument("--target", help=f"steps to this loss: a setup's label (its mean final loss over seeds) or "
-                                         f"a number; default {REFERENCE} where the runs have validation curves")
+    parser.add_argument("--target", nargs="+", help=f"steps to these losses: a setup's label (its mean final loss "
+                                                    f"over seeds) or a number; default {REFERENCE} where the runs "
+                                                    "have validation curves")
     args = parser.parse_args(argv)
     try:
         write_report(args.sweep_dir, args.margin, args.target)

@@ -51,7 +51,7 @@ def time_to_target(lines: list[tuple[dict, list[dict]]], target: float, referenc
     """Per line (its stability entry and the runs of its best point, seeds included): the steps to
     `target` (mean and range over the runs that reach it), that as a fraction of the run's steps,
     the median step time, and optimizer state per parameter; step time also as a ratio to the
-    reference setup's."""
+    reference setup's, and the wall clock to the target as a ratio to the reference's whole run."""
     out = []
     for line, runs in lines:
         runs = [r for r in runs if r["status"] == "finished"]
@@ -75,4 +75,6 @@ def time_to_target(lines: list[tuple[dict, list[dict]]], target: float, referenc
     for e in out:
         if ref and ref.get("step_time_s") and e.get("step_time_s"):
             e["step_time_ratio"] = e["step_time_s"] / ref["step_time_s"]
+            if "mean" in e and ref["max_steps"]:
+                e["time_ratio"] = e["mean"] * e["step_time_ratio"] / ref["max_steps"]
     return out

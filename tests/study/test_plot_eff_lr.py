@@ -2,7 +2,7 @@ import pytest
 
 from cli_helpers import fit, tiny_args
 from lm_opt.model import GPT, ModelConfig
-from lm_opt.study.plot_eff_lr import depth, main, panels, read_quantiles
+from lm_opt.study.plot_eff_lr import depth, main, numbers, panels, read_quantiles
 
 
 def test_plot_of_a_run_shows_every_parameter(tmp_path):
@@ -13,6 +13,19 @@ def test_plot_of_a_run_shows_every_parameter(tmp_path):
     main([str(tmp_path / "run")])
     png = tmp_path / "run" / "eff_lr.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| last layer: spread across logits | 1 |" in (tmp_path / "run" / "eff_lr.md").read_text()
+
+
+def test_the_numbers_are_the_spread_within_a_tensor_and_the_move_of_its_median():
+    def quantiles(q5, q50, q95):  # at steps 10 and 20
+        return {5: [(10, q5[0]), (20, q5[1])], 50: [(10, q50[0]), (20, q50[1])], 95: [(10, q95[0]), (20, q95[1])]}
+
+    series = {"lm_head.weight/rows": quantiles((1e-4, 1e-4), (1e-3, 1e-3), (1e-2, 1e-1)),
+              "blocks.0.mlp.fc.weight": quantiles((1e-3, 1e-2), (1e-3, 1e-2), (1e-3, 1e-2))}
+    table = numbers(series)
+    assert table[0] == "Logged at steps 10 .. 20 (2 times)."
+    assert "| MLP in | 1 | 0.001 | 0.01 | 0.00 | 1.00 |" in table
+    assert "| last layer: spread across logits | 1 | 0.001 | 0.001 | 3.00 | 0.00 |" in table
 
 
 def test_tensors_are_grouped_by_kind_so_depth_adds_lines_not_panels():

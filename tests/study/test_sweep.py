@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm_opt.study import report, sweep, sweep_plan
+from lm_opt.study import recheck, report, sweep, sweep_plan
 
 SWEEPS = sorted(Path("configs/sweeps").glob("*.yaml"))
 TINY = {"data.seq_len": 32, "data.batch_size": 4, "data.val_sequences": 8, "data.num_workers": 0,
@@ -282,6 +282,26 @@ def micro(tmp_path_factory):
     with redirect_stdout(stdout):
         sweep.main([str(spec)])
     return {"spec": spec, "out": out, "names": names, "first_summary": first_summary, "stdout": stdout.getvalue()}
+
+
+@pytest.mark.slow
+def test_recheck_reruns_recorded_points_and_flags_one_that_does_not_match(micro, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(micro["out"], out)
+    rerun = recheck.rerun
+    reruns = []
+    monkeypatch.setattr(recheck, "rerun", lambda *args: reruns.append(rerun(*args)) or reruns[-1])
+    recheck.main([str(out), "--points", "1", "--seed", "3"])
+    printed = capsys.readouterr().out
+    assert "(+0.0000)" in printed and "BEYOND" not in printed
+    (point,) = [d for d in out.iterdir() if d.name in printed]
+    summary = json.loads((point / "summary.json").read_text())
+    summary["final_val_loss"] += 0.05
+    (point / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(recheck, "rerun", lambda *args: reruns[0])  # the same rerun, against the changed record
+    with pytest.raises(SystemExit) as exit_:
+        recheck.main([str(out), "--points", "1", "--seed", "3"])
+    assert exit_.value.code == 1 and "BEYOND 0.02" in capsys.readouterr().out
 
 
 @pytest.mark.slow

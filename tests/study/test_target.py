@@ -62,17 +62,20 @@ def test_report_gives_steps_to_the_reference_mean_final_loss_with_cost_ratios(sw
     # adamw: seeds 0 and 2 reach 5.0 (at 80, and at 40 + 40 * 0.75/1.0 = 70), seed 1 never
     assert rows["adamw"][3:7] == ["2 / 3", "75", "70 .. 80", "0.94"]
     # soap: 40 + 40 * 0.5/1.0 = 60 and 40 (at its first validation): mean 50
-    assert rows["soap"][3:10] == ["2 / 2", "50", "40 .. 60", "0.62", "150", "1.50", "24.0"]
+    # time to target: 50 steps x 1.5 of adamw's step time, over adamw's 80 steps
+    assert rows["soap"][3:11] == ["2 / 2", "50", "40 .. 60", "0.62", "150", "1.50", "0.94", "24.0"]
     assert rows["sgd"][3:5] == ["0 / 1", "not reached"]
     assert (sweep_dir / "plot_curves.png").stat().st_size > 10_000
 
 
-def test_a_number_or_another_setup_can_be_the_target(sweep_dir, capsys):
-    main([str(sweep_dir), "--target", "5.5"])
-    rows = table((sweep_dir / "results.md").read_text(), "Steps to target")
+def test_numbers_and_other_setups_can_be_targets_each_with_its_section(sweep_dir, capsys):
+    main([str(sweep_dir), "--target", "5.5", "soap"])
+    markdown = (sweep_dir / "results.md").read_text()
+    rows = table(markdown, "Steps to target: 5.5000 nats (given)")
     assert rows["sgd"][3] == "0 / 1" and rows["soap"][4] == "40"
-    main([str(sweep_dir), "--target", "soap"])
-    assert "soap's mean final loss over 2 seeds, 4.4500 nats" in (sweep_dir / "results.md").read_text()
+    rows = table(markdown, "Steps to target: soap's mean final loss over 2 seeds")
+    assert "soap's mean final loss over 2 seeds, 4.4500 nats" in markdown
+    assert rows["adamw"][3:5] == ["0 / 3", "not reached"]
     with pytest.raises(SystemExit) as exit_:
         main([str(sweep_dir), "--target", "lamb"])
     assert exit_.value.code == 2

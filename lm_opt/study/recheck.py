@@ -1,0 +1,76 @@
+"""`python -m lm_opt recheck SWEEP_DIR [--points 2] [--seed S] [--tolerance 0.02]`: do finished points
+of a sweep rerun to their recorded results?
+
+Draws `points` finished points at random (seeded, so a check can be repeated), reruns each with the
+command its `point.json` records (the sweep's own command, under this interpreter) into a
+temporary folder, and compares the final validation loss with the recorded one. Exit status 1
+where one differs by more than `tolerance` nats, 2 where the folder has no finished point.
+
+A rerun matches to the last digit on the machine and software that made the record; another CPU
+or torch version takes another rounding path, and training amplifies it (README, "The CPU study").
+"""
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from lm_opt.study.sweep import read_summary
+from lm_opt.study.sweep_plan import SpecError
+
+
+def finished_points(sweep_dir: Path) -> list[Path]:
+    """Point folders whose run finished and whose point.json records its command."""
+    return [d for d in sorted(sweep_dir.iterdir()) if (d / "point.json").is_file()
+            and read_summary(d).get("status") == "finished"]
+
+
+def rerun(point_dir: Path, out_dir: Path) -> dict:
+    """The point's recorded command, its logs redirected to `out_dir`; returns the new summary."""
+    command = json.loads((point_dir / "point.json").read_text())["command"]
+    log = out_dir / f"{point_dir.name}.log"
+    with open(log, "w") as output:
+        subprocess.run([sys.executable, *command[1:], "--trainer.logger.init_args.save_dir", str(out_dir),
+                        "--trainer.logger.init_args.name", point_dir.name], stdout=output, stderr=subprocess.STDOUT)
+    return read_summary(out_dir / point_dir.name) or {"status": f"no summary (see {log})"}
+
+
+def recheck(sweep_dir: Path, points: int, seed: int, tolerance: float) -> list[dict]:
+    candidates = finished_points(sweep_dir)
+    if not candidates:
+        raise SpecError(f"{sweep_dir} holds no finished point with a point.json")
+    chosen = random.Random(seed).sample(candidates, min(points, len(candidates)))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="recheck-") as tmp:
+        for point_dir in chosen:
+            recorded = read_summary(point_dir)["final_val_loss"]
+            again = rerun(point_dir, Path(tmp))
+            loss = again.get("final_val_loss")
+            delta = None if loss is None else loss - recorded
+            rows.append({"point": point_dir.name, "recorded": recorded, "rerun": loss, "delta": delta,
+                         "status": again.get("status"), "ok": delta is not None and abs(delta) <= tolerance})
+            print(f"{point_dir.name}: recorded {recorded:.4f}, rerun " + (
+                f"{loss:.4f} ({delta:+.4f})" if loss is not None else str(again.get("status")))
+                  + ("" if rows[-1]["ok"] else f"  BEYOND {tolerance}"), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lm_opt recheck", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep's out_dir, e.g. logs/sweeps/cpu_lr")
+    parser.add_argument("--points", type=int, default=2, help="finished points to rerun, drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="nats a rerun may differ by")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a folder")
+    try:
+        rows = recheck(args.sweep_dir, args.points, args.seed, args.tolerance)
+    except SpecError as err:
+        print(f"lm_opt recheck: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not all(r["ok"] for r in rows):
+        raise SystemExit(1)
