@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lm_opt.study.sweep_plan import format_value, short_name
-from lm_opt.study.target import target_loss, time_to_target
+from lm_opt.study.target import plot_curves, target_loss, target_section, time_to_target, validation_interval
 
 BASELINE = "baseline.json"
 REFERENCE = "adamw"
@@ -252,7 +252,7 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
                          f"| {'' if not base else format(f['mean'] - unigram, '+.4f')} | {delta} | {beyond} |")
         lines.append("")
     for section in timed or []:
-        lines += target_section(*section)
+        lines += target_section(*section, REFERENCE)
     lines += ["## Every run", "", "| point | optimizer | " + " | ".join(axes) + " | seed | final val loss | vs unigram "
               "| best val loss | status | steps | tokens | wall time (s) |", "|" + " --- |" * (len(axes) + 10)]
     for r in rows:
@@ -296,73 +296,6 @@ def best_runs(rows: list[dict], stable: list[dict]) -> list[tuple[dict, list[dic
     return [(s, [r for r in rows if series_key(r) == (s["optimizer"], s["condition"])
                  and format_value(r["values"].get(x_axis(r))) == format_value(s["best_x"])])
             for s in stable if "best_x" in s]
-
-
-def validation_interval(rows: list[dict]) -> str:
-    """`every 20 steps` where every curve validates at one interval (the last gap may be shorter)."""
-    gaps = set()
-    for r in rows:
-        pairs = list(zip(r.get("val_curve") or [], (r.get("val_curve") or [])[1:]))
-        gaps |= {b[0] - a[0] for a, b in pairs[:-1] or pairs}
-    return f"every {gaps.pop():g} steps" if len(gaps) == 1 else "at the runs' validations"
-
-
-def target_section(described: str, every: str, timed: list[dict]) -> list[str]:
-    lines = [f"## Steps to target: {described.split(',')[0]}", "",
-             f"Target: {described}. For each line's best point and its seeds, the step at which the validation "
-             f"curve first reaches the target, interpolated linearly between validations ({every}; the answer is no "
-             "finer than that). Mean and range over the runs that reach it; the fraction is of the run's steps. Step "
-             f"time is the median wall time of a training step in those runs; its ratio divides by {REFERENCE}'s. "
-             f"Time to target is steps to target x step time, over {REFERENCE}'s whole run.",
-             "", "| optimizer | condition | best value | reached / runs | steps to target | range | fraction of "
-             "the run | step time (ms) | vs " + REFERENCE + f" | time to target vs {REFERENCE}'s run "
-             "| optimizer state (bytes/param) |", "|" + " --- |" * 11]
-    for e in timed:
-        mean = f"{e['mean']:.0f}" if "mean" in e else "not reached"
-        span = f"{e['low']:.0f} .. {e['high']:.0f}" if "mean" in e else ""
-        fraction = f"{e['fraction']:.2f}" if "fraction" in e else ""
-        ms = f"{1e3 * e['step_time_s']:.0f}" if "step_time_s" in e else ""
-        ratio = f"{e['step_time_ratio']:.2f}" if "step_time_ratio" in e else ""
-        time_ratio = f"{e['time_ratio']:.2f}" if "time_ratio" in e else ""
-        state = f"{e['state_bytes_per_param']:.1f}" if "state_bytes_per_param" in e else ""
-        lines.append(f"| {e['optimizer']} | {e['condition']} | {show(e['best_x'])} | {e['reached']} / {e['runs']} "
-                     f"| {mean} | {span} | {fraction} | {ms} | {ratio} | {time_ratio} | {state} |")
-    return lines + [""]
-
-
-def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, targets: list[float],
-                unigram: float | None) -> bool:
-    """Validation loss against steps for each line's best point (seeds thin), the targets dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    drawn = [(s, r) for s, runs in lines for r in runs if len(r.get("val_curve") or []) > 1]
-    if not drawn:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = dict.fromkeys((s["optimizer"], s["condition"]) for s, _ in drawn)
-    colors = {key: f"C{i % 10}" for i, key in enumerate(keys)}
-    for s, r in drawn:
-        key = (s["optimizer"], s["condition"])
-        steps, losses = zip(*r["val_curve"])
-        seed = r["seed"] is not None
-        ax.plot(steps, losses, color=colors[key], lw=0.8 if seed else 1.8, alpha=0.6 if seed else 1,
-                label=None if seed else " ".join(filter(None, [s["optimizer"], s["condition"], show(s["best_x"])])))
-    for target in targets:
-        ax.axhline(target, color="black", ls="--", lw=1, label=f"target ({target:.3f})")
-    if unigram is not None:
-        ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
-    finals = [r["val_curve"][-1][1] for _, r in drawn]
-    ax.set_ylim(min(finals) - 0.1, max(max(finals) + 0.6, (unigram or 0) + 0.2))
-    ax.set(xlabel="step", ylabel="validation loss", title=f"{drawn[0][1]['sweep']}: best point per line (thin: seeds)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | None = None,
