@@ -110,7 +110,8 @@ def target_section(described: str, every: str, timed: list[dict], reference: str
         ratio = f"{e['step_time_ratio']:.2f}" if "step_time_ratio" in e else ""
         time_ratio = f"{e['time_ratio']:.2f}" if "time_ratio" in e else ""
         state = f"{e['state_bytes_per_param']:.1f}" if "state_bytes_per_param" in e else ""
-        lines.append(f"| {e['optimizer']} | {e['condition']} | {format_value(e['best_x'])} | {e['reached']} / {e['runs']} "
+        lines.append(f"| {e['optimizer']} | {e['condition']} | {format_value(e['best_x'])} "
+                     f"| {e['reached']} / {e['runs']} "
                      f"| {mean} | {span} | {fraction} | {ms} | {ratio} | {time_ratio} | {state} |")
     return lines + [""]
 
@@ -134,7 +135,8 @@ def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, targets: list[
         steps, losses = zip(*r["val_curve"])
         seed = r["seed"] is not None
         ax.plot(steps, losses, color=colors[key], lw=0.8 if seed else 1.8, alpha=0.6 if seed else 1,
-                label=None if seed else " ".join(filter(None, [s["optimizer"], s["condition"], format_value(s["best_x"])])))
+                label=None if seed else " ".join(filter(None, [s["optimizer"], s["condition"],
+                                                                 format_value(s["best_x"])])))
     for target in targets:
         ax.axhline(target, color="black", ls="--", lw=1, label=f"target ({target:.3f})")
     if unigram is not None:
