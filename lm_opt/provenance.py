@@ -42,14 +42,25 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def cpu_name() -> str:
+    """The CPU's model name where Linux gives it (`platform.processor()` is only the architecture there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device(trainer: L.Trainer) -> dict[str, Any]:
-    """The accelerator's name (the GPU model, or the CPU), the number of devices and the precision."""
+    """The accelerator's name (the GPU model, or the CPU), the number of devices, the precision and
+    the process's CPU threads: on a CPU these decide the rounding of every reduction, so a rerun
+    matches its record only with the same (`lm_opt recheck` sets them)."""
     root = trainer.strategy.root_device
-    if root.type == "cuda":
-        name = torch.cuda.get_device_name(root)
-    else:
-        name = platform.processor() or platform.machine()
-    return {"type": root.type, "name": name, "count": trainer.world_size, "precision": str(trainer.precision)}
+    name = torch.cuda.get_device_name(root) if root.type == "cuda" else cpu_name()
+    return {"type": root.type, "name": name, "count": trainer.world_size, "precision": str(trainer.precision),
+            "threads": torch.get_num_threads()}
 
 
 def provenance(trainer: L.Trainer, data: Any) -> dict[str, Any]:

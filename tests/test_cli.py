@@ -37,6 +37,7 @@ def test_fit_writes_tensorboard_events_checkpoint_and_summary(tmp_path):
     assert packages <= set(made_by["packages"]) and None not in made_by["packages"].values()
     assert made_by["device"]["type"] == "cpu" and made_by["device"]["count"] == 1 and made_by["device"]["name"]
     assert made_by["device"]["precision"] == "bf16-mixed"  # the quickstart's
+    assert made_by["device"]["threads"] == torch.get_num_threads() and made_by["device"]["name"] != "x86_64"
     assert made_by["data"]["path"] == "embedded" and made_by["data"]["tokenizer"] == "embedded"
     assert made_by["code"] == code_version()
 

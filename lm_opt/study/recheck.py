@@ -2,8 +2,9 @@
 of a sweep rerun to their recorded results?
 
 Draws `points` finished points at random (seeded, so a check can be repeated), reruns each with the
-command its `point.json` records (the sweep's own command, under this interpreter) into a
-temporary folder, and compares the final validation loss with the recorded one. Exit status 1
+command its `point.json` records (the sweep's own command, under this interpreter, with the CPU
+threads its summary records) into a temporary folder, and compares the final validation loss
+with the recorded one. Exit status 1
 where one differs by more than `tolerance` nats, 2 where the folder has no finished point.
 
 A rerun matches to the last digit on the machine and software that made the record; another CPU
@@ -12,6 +13,7 @@ or torch version takes another rounding path, and training amplifies it (README,
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -31,10 +33,13 @@ def finished_points(sweep_dir: Path) -> list[Path]:
 def rerun(point_dir: Path, out_dir: Path) -> dict:
     """The point's recorded command, its logs redirected to `out_dir`; returns the new summary."""
     command = json.loads((point_dir / "point.json").read_text())["command"]
+    threads = ((read_summary(point_dir).get("provenance") or {}).get("device") or {}).get("threads")
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     log = out_dir / f"{point_dir.name}.log"
     with open(log, "w") as output:
         subprocess.run([sys.executable, *command[1:], "--trainer.logger.init_args.save_dir", str(out_dir),
-                        "--trainer.logger.init_args.name", point_dir.name], stdout=output, stderr=subprocess.STDOUT)
+                        "--trainer.logger.init_args.name", point_dir.name], stdout=output, stderr=subprocess.STDOUT,
+                       env=env)
     return read_summary(out_dir / point_dir.name) or {"status": f"no summary (see {log})"}
 
 

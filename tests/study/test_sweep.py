@@ -284,6 +284,26 @@ def micro(tmp_path_factory):
     return {"spec": spec, "out": out, "names": names, "first_summary": first_summary, "stdout": stdout.getvalue()}
 
 
+def test_recheck_reruns_a_point_with_the_cpu_threads_it_recorded(tmp_path, monkeypatch):
+    point = tmp_path / "sweep" / "adamw_lr1"
+    point.mkdir(parents=True)
+    (point / "point.json").write_text(json.dumps({"command": ["/elsewhere/python", "-m", "lm_opt", "fit"]}))
+    (point / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.0,
+                                                    "provenance": {"device": {"threads": 3}}}))
+    calls = []
+
+    def run(command, env, **kwargs):
+        calls.append((command, env["OMP_NUM_THREADS"]))
+        out = Path(command[command.index("--trainer.logger.init_args.save_dir") + 1]) / "adamw_lr1"
+        out.mkdir()
+        (out / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.01}))
+
+    monkeypatch.setattr(recheck.subprocess, "run", run)
+    (row,) = recheck.recheck(tmp_path / "sweep", points=2, seed=0, tolerance=0.02)
+    assert calls[0][0][:4] == [sys.executable, "-m", "lm_opt", "fit"] and calls[0][1] == "3"
+    assert row["ok"] and row["delta"] == pytest.approx(0.01)
+
+
 @pytest.mark.slow
 def test_recheck_reruns_recorded_points_and_flags_one_that_does_not_match(micro, tmp_path, capsys, monkeypatch):
     out = tmp_path / "copy"
