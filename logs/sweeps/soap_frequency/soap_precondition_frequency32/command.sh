@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Point soap_precondition_frequency32 of sweep soap_frequency (`python -m lm_opt sweep`). Run, rerun or resume it alone:
+#   bash logs/sweeps/soap_frequency/soap_precondition_frequency32/command.sh
+# A finished or diverged point is left alone; an interrupted one resumes from last.ckpt.
+set -e
+cd /work/study
+RUN=logs/sweeps/soap_frequency/soap_precondition_frequency32
+if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "(finished|diverged)"' "$RUN/summary.json"; then
+  echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/summary.json")"
+  exit 0
+fi
+RESUME=()
+if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
+elif [ "${SLURM_PROCID:-0}" = 0 ]; then  # an attempt without a checkpoint starts over (once, under srun)
+  rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"
+fi
+exec /work/study/.venv/bin/python -m lm_opt fit \
+  --config configs/quickstart.yaml \
+  --config logs/sweeps/soap_frequency/soap_precondition_frequency32/optimizer.yaml \
+  --data.num_workers 1 \
+  --trainer.max_steps 200 \
+  --trainer.val_check_interval 20 \
+  --trainer.enable_progress_bar false \
+  --trainer.logger.init_args.save_dir logs/sweeps/soap_frequency \
+  --trainer.logger.init_args.name soap_precondition_frequency32 "${RESUME[@]}"
