@@ -16,14 +16,13 @@ cannot be undone in a process.
 
 import argparse
 import os
-import platform
 import time
-from pathlib import Path
 
 import tokenizers
 import torch
 
 from lm_opt.data import STATE_KEY, C4DataModule, tokenize
+from lm_opt.provenance import cpu_name
 
 # The issue's estimate of what the 150m preset consumes on one H100 at 45% MFU.
 H100_150M_TOKENS_PER_S = 390_000
@@ -44,11 +43,8 @@ def delivered_tokens_per_s(dm: C4DataModule, n_batches: int) -> float:
 
 def machine() -> str:
     """CPU model, the cores this process may use, and the versions that set the figure."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{names[0] if names else platform.machine()}, {cores} cores available, torch {torch.__version__}, "
+    return (f"{cpu_name()}, {cores} cores available, torch {torch.__version__}, "
             f"tokenizers {tokenizers.__version__}")
 
 

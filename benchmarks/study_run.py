@@ -1,0 +1,96 @@
+"""A CPU study run from start to `summary.json`, side by side: wall clock and CPU time per setting.
+
+Each run is the CPU study's command (`python -m lm_opt fit --config configs/quickstart.yaml` with
+the sweep's overrides: 200 steps, validation every 50, one DataLoader worker), start-up,
+tokenizer and corpus load, validations and checkpoints included. Runs go one at a time, in
+alternating order each round, under `OMP_NUM_THREADS=--threads`, so each gets the same machine.
+A run is `[REF:]PRECISION[+compile]`: with a git REF it runs that commit's code from a temporary
+worktree (the baseline a speed-up is measured against); without one, this checkout's.
+
+    python -m benchmarks.study_run                                   # 32-true against bf16-mixed
+    python -m benchmarks.study_run --runs 8783896:32-true bf16-mixed --rounds 2
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from lm_opt.provenance import cpu_name
+
+ROOT = Path(__file__).parents[1]
+STUDY_OVERRIDES = ["--data.num_workers", "1", "--trainer.val_check_interval", "50",
+                   "--trainer.enable_progress_bar", "false"]
+
+
+def worktree(ref: str, stack: ExitStack) -> Path:
+    """A detached checkout of `ref`, removed when `stack` closes."""
+    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="study_run_"))) / ref
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(path), ref], cwd=ROOT, check=True)
+    stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=True)
+    return path
+
+
+def command(setting: str, steps: int, out: Path) -> list[str]:
+    precision, _, compiled = setting.partition("+")
+    return [sys.executable, "-m", "lm_opt", "fit", "--config", "configs/quickstart.yaml", *STUDY_OVERRIDES,
+            "--trainer.max_steps", str(steps), "--trainer.precision", precision,
+            *(["--model.compile", "true"] if compiled else []),
+            "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "run"]
+
+
+def run_once(code: Path, setting: str, steps: int, threads: int) -> dict[str, float]:
+    """Wall seconds, CPU seconds (user + sys of the run and its workers) and final val loss."""
+    with tempfile.TemporaryDirectory(prefix="study_run_logs_") as out:
+        env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code)}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        result = subprocess.run(command(setting, steps, Path(out)), cwd=code, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if result.returncode != 0:
+            sys.exit(f"error: {setting} in {code} failed with exit status {result.returncode}:\n{result.stderr[-3000:]}")
+        summary = json.loads((Path(out) / "run" / "summary.json").read_text())
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "loss": summary["final_val_loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=["32-true", "bf16-mixed"],
+                        help="[REF:]PRECISION[+compile]; ratios are against the first")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1, help="as each run of a CPU sweep with --jobs 2")
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        code = {}
+        for run in args.runs:
+            ref, _, _ = run.rpartition(":")
+            code[run] = worktree(ref, stack) if ref else ROOT
+        measured: dict[str, list[dict[str, float]]] = {run: [] for run in args.runs}
+        for round_ in range(args.rounds):
+            for run in args.runs[:: 1 if round_ % 2 == 0 else -1]:
+                measured[run].append(run_once(code[run], run.rpartition(":")[2], args.steps, args.threads))
+                print(f"round {round_ + 1}: {run}: {measured[run][-1]}", file=sys.stderr, flush=True)
+    median = {run: {key: statistics.median(m[key] for m in runs) for key in ("wall", "cpu")}
+              for run, runs in measured.items()}
+    first = median[args.runs[0]]
+    print(f"CPU study run ({args.steps} steps, start to summary.json), {args.threads} thread(s), "
+          f"{cpu_name()}, load average {os.getloadavg()[0]:.1f} at the end; medians of {args.rounds} alternating rounds\n")
+    print("| run | wall s | CPU s | final val loss | speed-up: wall | speed-up: CPU |\n| --- | --- | --- | --- | --- | --- |")
+    for run, runs in measured.items():
+        losses = ", ".join(f"{m['loss']:.4f}" for m in runs)
+        print(f"| {run} | {median[run]['wall']:.0f} | {median[run]['cpu']:.0f} | {losses} | "
+              f"{first['wall'] / median[run]['wall']:.2f}x | {first['cpu'] / median[run]['cpu']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
