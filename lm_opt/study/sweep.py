@@ -26,10 +26,9 @@ from pathlib import Path
 import yaml
 
 from lm_opt.study.report import write_report
-from lm_opt.study.sweep_plan import OPTIMIZER_YAML, Point, SpecError, line_of, load_spec, plan, validate, with_seed
+from lm_opt.study.reuse import copy_record, done_runs, run_key
+from lm_opt.study.sweep_plan import DONE, OPTIMIZER_YAML, Point, SpecError, line_of, load_spec, plan, validate, with_seed
 
-DONE = ("finished", "diverged")
-"""Run statuses that are a result; a rerun leaves such a point alone."""
 STARTING = {"resume": " (resuming from last.ckpt)", "retry": " (again: its last attempt did not finish)"}
 """How a point's start is announced, by its `point_state`."""
 
@@ -117,8 +116,9 @@ def commit_record(point: Point) -> None:
         print(f"warning: could not commit {point.run_dir}: {str(detail).strip()}", flush=True)
 
 
-def write_point(point: Point, sweep: str) -> Path:
-    """The point's folder: its optimizer YAML, `command.sh` and `point.json`."""
+def write_point(point: Point, sweep: str, copied_from: Path | None = None) -> Path:
+    """The point's folder: its optimizer YAML, `command.sh` and `point.json` (with the run folder
+    its record was copied from, if it was)."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
     header = f"# Optimizer of point {point.name} of sweep {sweep}, written by `python -m lm_opt sweep`.\n"
     (point.run_dir / OPTIMIZER_YAML).write_text(header + yaml.safe_dump(point.optimizer_yaml, sort_keys=False))
@@ -130,6 +130,8 @@ def write_point(point: Point, sweep: str) -> Path:
     script.chmod(0o755)
     record = {"sweep": sweep, "name": point.name, "optimizer": point.optimizer, "values": point.values,
               "shared": point.shared, "command": command}
+    if copied_from is not None:
+        record["copied_from"] = str(copied_from)
     (point.run_dir / "point.json").write_text(json.dumps(record, indent=2))
     return script
 
@@ -217,7 +219,7 @@ def execute(points: list[Point], jobs: int, commit: bool = False) -> dict[str, s
         print(f"--jobs {jobs} > {len(gpus)} GPUs: running {len(gpus)} at a time, one per GPU")
     env = dict(os.environ)
     if not gpus and jobs > 1:  # share the CPU cores instead of oversubscribing them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        env["OMP_NUM_THREADS"] = str(cpu_threads(jobs))
     pending, running, results = list(enumerate(points, 1)), {}, {}
     try:
         while pending or running:
@@ -265,11 +267,33 @@ def seed_points(points: list[Point], seeds: list[int]) -> list[Point]:
     return repeats
 
 
-def prepare(points: list[Point], spec: dict) -> list[Point]:
-    """Write the (validated) points' folders; returns those still to run."""
+def cpu_threads(jobs: int) -> int:
+    """The CPU threads each of `jobs` points run at once gets: OMP_NUM_THREADS where it is set, else
+    the cores shared out (torch's default for a single job)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    if jobs > 1:
+        return max(1, (os.cpu_count() or 1) // jobs)
+    import torch
+
+    return torch.get_num_threads()
+
+
+def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None, commit: bool = False) -> list[Point]:
+    """Write the (validated) points' folders; returns those still to run. A point not done whose
+    config matches one of `runs` (`lm_opt.study.reuse.done_runs`) gets that run's record instead."""
     states = {p.name: point_state(p.run_dir) for p in points}
     for point in points:  # a done point keeps the record of what it ran
-        if states[point.name] != "done" or not (point.run_dir / "command.sh").is_file():
+        source = (runs or {}).get(run_key(point.resolved)) if point.resolved else None
+        if states[point.name] == "start" and source is not None and source.resolve() != point.run_dir.resolve():
+            copy_record(source, point)
+            write_point(point, spec["name"], copied_from=source)
+            states[point.name] = "done"
+            print(f"{point.name}: done already as {source} (same config, CPU, threads and packages); "
+                  f"its record copied", flush=True)
+            if commit:
+                commit_record(point)
+        elif states[point.name] != "done" or not (point.run_dir / "command.sh").is_file():
             write_point(point, spec["name"])
         elif (recorded_command(point.run_dir) or [None])[1:] != command_of(point)[1:]:  # any interpreter
             print(f"warning: {point.name} is done but ran another command (see its command.sh); "
@@ -278,7 +302,7 @@ def prepare(points: list[Point], spec: dict) -> list[Point]:
 
 
 def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool = False,
-              commit: bool = False) -> dict[str, str | None]:
+              commit: bool = False, reuse: bool = True) -> dict[str, str | None]:
     """Plan, validate, then run (or write the Slurm script for) a sweep; returns point -> problem or None."""
     if jobs < 1:
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
@@ -296,19 +320,21 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
         return {}
     spec["out_dir"].mkdir(parents=True, exist_ok=True)
     (spec["out_dir"] / "sweep.yaml").write_text(Path(spec_path).read_text())
-    todo = prepare(points, spec)
     if slurm:
+        prepare(points, spec)
         seeds = seed_points(grid, spec["seeds"])
         prepare(seeds, spec)
         print(f"wrote {write_slurm(points + seeds, spec)} ({len(points + seeds)} tasks); submit it with sbatch"
               + (f"; {len(seeds)} of them are seed repeats, the others come once the grid is done"
                  if spec["seeds"] else ""))
         return {}
+    runs = done_runs(spec["out_dir"].parent, cpu_threads(jobs)) if reuse and not gpu_slots() else {}
+    todo = prepare(points, spec, runs, commit)
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
     results = execute(todo, jobs, commit) if todo else {}
     if spec["seeds"]:
         seeds = seed_points(grid, spec["seeds"])
-        todo = prepare(seeds, spec)
+        todo = prepare(seeds, spec, runs, commit)
         print(f"seeds {spec['seeds']} at each line's best point: {len(seeds) - len(todo)} runs already done, "
               f"{len(todo)} to run", flush=True)
         results.update(execute(todo, jobs, commit) if todo else {})
@@ -328,10 +354,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="git-commit each point's record (not its checkpoints) as soon as it is done")
     parser.add_argument("--slurm", action="store_true",
                         help="write out_dir/sweep.sbatch (an array job) instead of running")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="run every point, even one another sweep here already ran (lm_opt.study.reuse)")
     parser.add_argument("--dry-run", action="store_true", help="check the spec and print the points and commands")
     args = parser.parse_args(argv)
     try:
-        results = run_sweep(args.spec, args.jobs, args.slurm, args.dry_run, args.commit)
+        results = run_sweep(args.spec, args.jobs, args.slurm, args.dry_run, args.commit, not args.no_reuse)
     except SpecError as err:
         print(f"lm_opt sweep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -38,6 +38,8 @@ OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""
 OPTIMIZER_YAML = "optimizer.yaml"
 """A point's copy of its optimizer YAML, in its folder."""
+DONE = ("finished", "diverged")
+"""Run statuses that are a result; a rerun leaves such a point alone."""
 
 
 class SpecError(ValueError):

@@ -349,6 +349,39 @@ def test_rerun_of_a_finished_sweep_launches_nothing(micro, no_launch, capsys):
 
 
 @pytest.mark.slow
+def test_a_point_another_sweep_ran_is_copied_and_reruns_to_its_record(micro, tmp_path, monkeypatch, capsys):
+    """micro ran adamw at lr 1e-3 and 1e-2 in `out`; a sibling sweep with lrs 1e-2 and
+    3e-3 copies the first, runs only the second, and the copy reruns (its own command) to the record."""
+    spec = yaml.safe_load(micro["spec"].read_text())
+    spec.update(name="sibling", out_dir=str(micro["out"].parent / "sibling"),
+                optimizers={"adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [1e-2, 3e-3]}}})
+    sibling = Path(write_spec(tmp_path, **spec))
+    launched = []
+
+    def fake_launch(point, slot, env):
+        launched.append(point.name)
+        (point.run_dir / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 6.0}))
+        return sweep.subprocess.Popen(["true"])
+
+    monkeypatch.setattr(sweep, "launch", fake_launch)
+    sweep.main([str(sibling)])
+    assert launched == ["adamw_lr3.00e-03"]
+    assert "adamw_lr0.01: done already as" in capsys.readouterr().out
+    copied, source = Path(spec["out_dir"]) / "adamw_lr0.01", micro["out"] / "adamw_lr0.01"
+    assert (copied / "summary.json").read_bytes() == (source / "summary.json").read_bytes()
+    point = json.loads((copied / "point.json").read_text())
+    assert point["copied_from"] == str(source) and point["sweep"] == "sibling"
+    assert f"{copied}/{sweep_plan.OPTIMIZER_YAML}" in point["command"] and not (copied / "checkpoints").exists()
+    again = recheck.rerun(copied, tmp_path)
+    assert again["final_val_loss"] == json.loads((source / "summary.json").read_text())["final_val_loss"]
+
+    launched.clear()
+    spec.update(name="forced", out_dir=str(micro["out"].parent / "forced"))
+    sweep.main([str(write_spec(tmp_path, **spec)), "--no-reuse"])
+    assert launched == ["adamw_lr0.01", "adamw_lr3.00e-03"]
+
+
+@pytest.mark.slow
 def test_report_rebuilds_from_the_run_folders_alone(micro, tmp_path):
     copy = tmp_path / "copy"
     for name in micro["names"]:

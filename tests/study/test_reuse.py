@@ -1,0 +1,57 @@
+"""A sweep point that a sibling sweep already ran on this CPU takes that run's record
+(`lm_opt.study.reuse`): matched on the whole resolved config, the CPU, its threads and the packages."""
+
+import json
+from pathlib import Path
+
+from lm_opt.provenance import cpu_name, package_versions
+from lm_opt.study import reuse
+
+CONFIG = {"seed_everything": 0, "trainer": {"precision": "bf16-mixed", "logger": {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": "logs/sweeps/a", "name": "adamw_lr1", "version": "", "flush_secs": 120}}},
+    "model": {"lr": 1.0}}
+
+
+def write_run(root: Path, sweep_name: str, point: str, config: dict = CONFIG, status: str = "finished",
+              **device) -> Path:
+    run = root / sweep_name / point
+    run.mkdir(parents=True)
+    device = {"type": "cpu", "name": cpu_name(), "threads": 1} | device
+    (run / "summary.json").write_text(json.dumps({
+        "status": status, "final_val_loss": 5.0, "config": config,
+        "provenance": {"packages": package_versions(), "device": device}}))
+    return run
+
+
+def test_the_key_ignores_the_logger_and_the_resumed_checkpoint_and_nothing_else():
+    moved = json.loads(json.dumps(CONFIG))
+    moved["trainer"]["logger"]["init_args"] = {"save_dir": "logs/sweeps/b", "name": "other"}
+    moved["ckpt_path"] = "last"
+    assert reuse.run_key(moved) == reuse.run_key(CONFIG)
+    for path, value in [(("model", "lr"), 1.01), (("seed_everything",), 1), (("trainer", "precision"), "32-true")]:
+        changed = json.loads(json.dumps(CONFIG))
+        target = changed
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        assert reuse.run_key(changed) != reuse.run_key(CONFIG), path
+
+
+def test_only_done_runs_of_this_cpu_threads_and_packages_are_offered(tmp_path, monkeypatch):
+    def config(lr):
+        return CONFIG | {"model": {"lr": lr}}
+
+    good = write_run(tmp_path, "a", "p1", config(1.0))
+    diverged = write_run(tmp_path, "a", "p2", config(2.0), status="diverged")
+    write_run(tmp_path, "a", "p3", config(3.0), status="interrupted")
+    write_run(tmp_path, "b", "p4", config(4.0), threads=2)
+    write_run(tmp_path, "b", "p5", config(5.0), name="another CPU")
+    write_run(tmp_path, "b", "p6", config(6.0), type="cuda")
+    old = write_run(tmp_path, "b", "p7", config(7.0))
+    summary = json.loads((old / "summary.json").read_text())
+    summary["provenance"]["packages"]["torch"] = "2.0.0"
+    (old / "summary.json").write_text(json.dumps(summary))
+    runs = reuse.done_runs(tmp_path, threads=1)
+    assert sorted(runs.values()) == [good, diverged]
+    assert runs[reuse.run_key(config(1.0))] == good
