@@ -268,7 +268,7 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
               "| points within / finished / all |", "|" + " --- |" * 8]
     for s in stable:
         span = f"{show(s['low'])} .. {show(s['high'])}" if "low" in s else ""
-        decades = "" if s.get("decades") is None else f"{s['decades']:.1f}"
+        decades = "" if s.get("decades") is None else f"{s['decades']:.2f}"
         lines.append(f"| {s['optimizer']} | {s['condition']} | {s['axis']} | {show(s.get('best_x', ''))} "
                      f"| {number(s.get('best_loss'))} | {span} | {decades} "
                      f"| {s.get('within', 0)} / {s['finished']} / {s['points']} |")

@@ -63,7 +63,7 @@ def test_report_writes_csv_markdown_and_plot(sweep_dir):
     assert status["sgd_lr10"] == "failed" and status["sgd_lr100"] == "incomplete"
     assert {"optimizer", "lr", "final_val_loss", "best_val_loss", "steps", "tokens", "wall_time_s"} <= set(rows[0])
     md = (sweep_dir / "results.md").read_text()
-    assert "| adamw |  | lr | 3.16e-03 | 4.0000 | 1.00e-03 .. 0.01 | 1.0 | 3 / 5 / 6 |" in md
+    assert "| adamw |  | lr | 3.16e-03 | 4.0000 | 1.00e-03 .. 0.01 | 1.00 | 3 / 5 / 6 |" in md
     assert "**4.0000**" in md  # the best point of its line
     assert "sgd_lr10: failed: RuntimeError: boom" in md and "sgd_lr100: incomplete" in md
     png = sweep_dir / "plot_lr.png"
