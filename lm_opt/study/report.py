@@ -30,7 +30,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lm_opt.study.sweep_plan import format_value, short_name
+from lm_opt.study.sweep_plan import DONE, format_value, short_name
 from lm_opt.study.target import plot_curves, target_loss, target_section, time_to_target, validation_interval
 
 BASELINE = "baseline.json"
@@ -123,7 +123,8 @@ def stability(rows: list[dict], margin: float) -> list[dict]:
         line = [r for r in rows if series_key(r) == key]
         x = x_axis(line[0])
         ok = [r for r in line if r["status"] == "finished" and r["final_val_loss"] is not None]
-        entry = {"optimizer": key[0], "condition": key[1], "axis": x, "points": len(line), "finished": len(ok)}
+        entry = {"optimizer": key[0], "condition": key[1], "axis": x, "points": len(line), "finished": len(ok),
+                 "done": sum(r["status"] in DONE for r in line)}
         if ok:
             best = min(ok, key=lambda r: r["final_val_loss"])
             near = [r["values"].get(x) for r in ok if r["final_val_loss"] <= best["final_val_loss"] + margin]
@@ -138,14 +139,18 @@ def stability(rows: list[dict], margin: float) -> list[dict]:
 
 def stability_per_seed(rows: list[dict], margin: float) -> list[dict]:
     """Where a line's whole grid ran again with other seeds (a spec's `grid_seeds`): the width of its
-    stable range under each seed, the grid's own first. Their spread is that measure's noise."""
-    out = {(e["optimizer"], e["condition"]): {**e, "widths": [e.get("decades")]} for e in stability(rows, margin)}
+    stable range under each seed, the grid's own first, once that seed's grid is done. Their spread
+    is that measure's noise."""
+    def width(e: dict) -> float | None:
+        return e.get("decades") if e["done"] == e["points"] else None
+
+    out = {(e["optimizer"], e["condition"]): {**e, "widths": [width(e)]} for e in stability(rows, margin)}
     repeated = set()
     for seed in sorted({r["seed"] for r in rows if r["seed"] is not None}):
         for e in stability([dict(r, seed=None) for r in rows if r["seed"] == seed], margin):
             line = out.get((e["optimizer"], e["condition"]))
             if line is not None and e["points"] == line["points"]:
-                line["widths"].append(e.get("decades"))
+                line["widths"].append(width(e))
                 repeated.add((e["optimizer"], e["condition"]))
     return [line for key, line in out.items() if key in repeated]
 

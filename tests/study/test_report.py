@@ -142,3 +142,19 @@ def test_a_grid_run_again_under_another_seed_gives_the_stable_width_under_each_s
     main([str(tmp_path), "--margin", "0.35"])
     table = (tmp_path / "results.md").read_text().split("## Stability under each seed")[1]
     assert "| adamw |  | 1.00, 0.50 | 0.75 | 0.50 .. 1.00 |" in table and "| sgd |" not in table
+
+
+def test_a_seeds_width_waits_for_its_whole_grid(tmp_path):
+    """A grid still running under a seed has no width yet: its one finished point would read as 0 decades."""
+    for lr, loss in [(1e-3, 4.5), (3.16e-3, 4.0), (1e-2, 4.05)]:
+        point(tmp_path, f"adamw_lr{lr:.2e}", "adamw", {"lr": lr}, "finished", loss)
+    point(tmp_path, "adamw_lr1.00e-03_seed1", "adamw", {"lr": 1e-3, "seed": 1}, "finished", 4.0)
+    point(tmp_path, "adamw_lr3.16e-03_seed1", "adamw", {"lr": 3.16e-3, "seed": 1}, "interrupted")
+    point(tmp_path, "adamw_lr1.00e-02_seed1", "adamw", {"lr": 1e-2, "seed": 1}, None)
+    (line,) = stability_per_seed(load_rows(tmp_path), margin=0.1)
+    assert line["widths"] == [pytest.approx(0.5, abs=1e-3), None]
+    point(tmp_path, "adamw_lr1.00e-02_seed2", "adamw", {"lr": 1e-2, "seed": 2}, "diverged")
+    point(tmp_path, "adamw_lr3.16e-03_seed2", "adamw", {"lr": 3.16e-3, "seed": 2}, "finished", 4.2)
+    point(tmp_path, "adamw_lr1.00e-03_seed2", "adamw", {"lr": 1e-3, "seed": 2}, "finished", 4.25)
+    (line,) = stability_per_seed(load_rows(tmp_path), margin=0.1)
+    assert line["widths"] == [pytest.approx(0.5, abs=1e-3), None, pytest.approx(0.5, abs=1e-3)]
