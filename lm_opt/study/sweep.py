@@ -8,6 +8,8 @@ values, for `report`). Every point's config is parsed before anything launches. 
 finished and diverged points and resumes the others. Once a line's grid is done (an optimizer,
 at one value of the shared grid), its best point runs again with each of the spec's `seeds`,
 so that every comparison can be read against seed noise; `grid_seeds` run every point again.
+A CPU point that a sibling sweep already ran with the same config on this CPU, threads and
+packages takes a copy of that record instead (`lm_opt.study.reuse`; `--no-reuse` runs it).
 
 With `--commit`, each point's record (its folder but checkpoints and event files) is committed to
 the checkout's git as soon as the point is done, so that a study longer than one sitting can be
