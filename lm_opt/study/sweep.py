@@ -286,8 +286,9 @@ def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None
     config matches one of `runs` (`lm_opt.study.reuse.done_runs`) gets that run's record instead."""
     states = {p.name: point_state(p.run_dir) for p in points}
     for point in points:  # a done point keeps the record of what it ran
-        source = (runs or {}).get(run_key(point.resolved)) if point.resolved else None
-        if states[point.name] == "start" and source is not None and source.resolve() != point.run_dir.resolve():
+        fresh = states[point.name] == "start" and runs and point.resolved
+        source = runs.get(run_key(point.resolved)) if fresh else None  # a done run is never "start"
+        if source is not None:
             copy_record(source, point)
             write_point(point, spec["name"], copied_from=source)
             states[point.name] = "done"
