@@ -47,7 +47,10 @@ def command(setting: str, steps: int, out: Path) -> list[str]:
 
 
 def run_once(code: Path, setting: str, steps: int, threads: int) -> dict[str, float]:
-    """Wall seconds, CPU seconds (user + sys of the run and its workers) and final val loss."""
+    """Wall seconds, CPU seconds (user + sys of the run and its workers), final val loss, and where
+    the wall clock went: start-up (imports, config parsing, model init: until the run record's
+    clock starts in setup), the training steps (steps x the median step time, where the record
+    has it) and the rest of fit (validation, checkpoints, logging)."""
     with tempfile.TemporaryDirectory(prefix="study_run_logs_") as out:
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -59,7 +62,10 @@ def run_once(code: Path, setting: str, steps: int, threads: int) -> dict[str, fl
             sys.exit(f"error: {setting} in {code} failed with exit status {result.returncode}:\n{result.stderr[-3000:]}")
         summary = json.loads((Path(out) / "run" / "summary.json").read_text())
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "loss": summary["final_val_loss"]}
+    step_time = summary.get("step_time_s")  # older records lack it
+    train = steps * step_time if step_time else float("nan")
+    return {"wall": wall, "cpu": cpu, "loss": summary["final_val_loss"], "startup": wall - summary["wall_time_s"],
+            "steps": train, "rest": summary["wall_time_s"] - train}
 
 
 def main() -> None:
@@ -80,7 +86,7 @@ def main() -> None:
             for run in args.runs[:: 1 if round_ % 2 == 0 else -1]:
                 measured[run].append(run_once(code[run], run.rpartition(":")[2], args.steps, args.threads))
                 print(f"round {round_ + 1}: {run}: {measured[run][-1]}", file=sys.stderr, flush=True)
-    median = {run: {key: statistics.median(m[key] for m in runs) for key in ("wall", "cpu")}
+    median = {run: {key: statistics.median(m[key] for m in runs) for key in ("wall", "cpu", "startup", "steps", "rest")}
               for run, runs in measured.items()}
     first = median[args.runs[0]]
     print(f"CPU study run ({args.steps} steps, start to summary.json), {args.threads} thread(s), "
@@ -90,6 +96,13 @@ def main() -> None:
         losses = ", ".join(f"{m['loss']:.4f}" for m in runs)
         print(f"| {run} | {median[run]['wall']:.0f} | {median[run]['cpu']:.0f} | {losses} | "
               f"{first['wall'] / median[run]['wall']:.2f}x | {first['cpu'] / median[run]['cpu']:.2f}x |")
+    print(f"\nWhere the wall clock goes (s, medians): start-up until fit's setup; {args.steps} x the median "
+          "step time; the rest of fit (validation, checkpoints, logging)\n")
+    print("| run | start-up | training steps | rest of fit |\n| --- | --- | --- | --- |")
+    for run in measured:
+        m = median[run]
+        steps, rest = (f"{m[key]:.1f}" if m[key] == m[key] else "not recorded" for key in ("steps", "rest"))
+        print(f"| {run} | {m['startup']:.1f} | {steps} | {rest} |")
 
 
 if __name__ == "__main__":
