@@ -14,6 +14,7 @@ transfer per logging event.
 from collections.abc import Iterator
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -66,10 +67,22 @@ def histogram(x: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
 
 
 def quantiles(x: torch.Tensor, qs: tuple[float, ...] = QUANTILES) -> torch.Tensor:
-    """Nearest-rank quantiles of all entries of x (torch.quantile refuses over 2^24 entries)."""
-    flat = x.detach().flatten().float().sort().values
-    index = torch.tensor([round(q * (flat.numel() - 1)) for q in qs], device=flat.device)
-    return flat[index]
+    """Nearest-rank quantiles of all entries of x: entry `round(q (n - 1))` of x sorted
+    (torch.quantile refuses over 2^24 entries)."""
+    flat = x.detach().flatten().float()
+    ranks = [round(q * (flat.numel() - 1)) for q in qs]
+    return (partitioned if flat.device.type == "cpu" else sorted_)(flat, ranks)
+
+
+def sorted_(flat: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """Entries `ranks` of `flat` sorted, by a sort: on a GPU, where sorting is fast."""
+    return flat.sort().values[torch.tensor(ranks, device=flat.device)]
+
+
+def partitioned(flat: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """Entries `ranks` of `flat` sorted, by one multi-rank selection (numpy's introselect): on
+    CPU 5x faster than a sort for the 2M logits x width of the CPU study's last layer."""
+    return torch.from_numpy(np.partition(flat.numpy(), ranks)[ranks])
 
 
 class EffectiveLRQuantiles(L.Callback):

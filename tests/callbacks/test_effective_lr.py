@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cli_helpers import fit, scalars, tiny_args
-from lm_opt.callbacks.effective_lr import QUANTILES, quantiles
+from lm_opt.callbacks.effective_lr import QUANTILES, partitioned, quantiles, sorted_
 
 
 def direct_effective_lr(state: dict, group: dict) -> np.ndarray:
@@ -39,6 +39,15 @@ def test_logged_quantiles_equal_a_direct_computation_from_state(tmp_path, optimi
 def test_quantiles_are_nearest_rank():
     x = torch.arange(101.0).flip(0)
     assert quantiles(x).tolist() == [0, 5, 25, 50, 75, 95, 100]
+
+
+@pytest.mark.parametrize("select", [partitioned, sorted_])
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_both_selections_give_numpys_nearest_quantiles(select, n):
+    flat = torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)).float()  # with ties
+    ranks = [round(q * (n - 1)) for q in QUANTILES]
+    expected = np.quantile(flat.numpy(), QUANTILES, method="nearest")
+    assert select(flat, ranks).tolist() == expected.tolist()
 
 
 def test_fires_once_per_optimizer_step_under_accumulation_with_histograms_counting_every_entry(tmp_path):
