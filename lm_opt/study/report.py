@@ -9,7 +9,8 @@ swept value, one line per optimizer and per value of the other axes (e.g. qk_nor
 point of each line a star, diverged points an x at the top of the axes.
 
 Stability (after the study's Fig. 1): the range of the swept value whose final loss lies
-within `margin` nats of the line's best, and its width in decades.
+within `margin` nats of the line's best, and its width in decades where the line's grid is
+logarithmic (an lr, eps; not beta1 from 0 to 0.99, whose range is the measure).
 
 Steps to target (lm_opt.study.target): for each line's best point and its seeds, the steps at
 which its validation curve first reaches a target loss (by default the reference optimizer's
@@ -115,6 +116,11 @@ def numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def logarithmic(xs: list[Any]) -> bool:
+    """Whether values lie on a log axis: all positive, spanning at least a decade."""
+    return all(numeric(x) and x > 0 for x in xs) and max(xs) >= 10 * min(xs)
+
+
 def stability(rows: list[dict], margin: float) -> list[dict]:
     """Per line: the best point and the range of the swept value within `margin` of its final loss."""
     out = []
@@ -132,7 +138,8 @@ def stability(rows: list[dict], margin: float) -> list[dict]:
                          within=len(near))
             if near and all(numeric(v) for v in near):
                 lo, hi = min(near), max(near)
-                entry.update(low=lo, high=hi, decades=math.log10(hi / lo) if lo > 0 else None)
+                log = logarithmic([r["values"].get(x) for r in line])
+                entry.update(low=lo, high=hi, decades=math.log10(hi / lo) if log else None)
         out.append(entry)
     return out
 
@@ -341,8 +348,7 @@ def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | Non
         ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
     low, high = ax.get_ylim()
     ax.set_ylim(low, high + 0.08 * (high - low))  # room for the diverged marks
-    xs = [r["values"][axis] for r in rows]
-    if min(xs) > 0 and max(xs) >= 10 * min(xs):
+    if logarithmic([r["values"][axis] for r in rows]):
         ax.set_xscale("log")
     ax.set(xlabel=axis, ylabel="final validation loss",
            title=f"{rows[0]['sweep']}: star = best per line, bars = seed range, x at top = diverged")

@@ -54,6 +54,14 @@ def test_stability_is_the_lr_range_within_the_margin_of_the_best(sweep_dir):
     assert by_optimizer["sgd"]["decades"] == 0.0
 
 
+def test_a_momentum_grid_has_a_stable_range_but_no_width_in_decades(tmp_path):
+    for beta1, loss in [(0.0, 4.3), (0.5, 4.0), (0.8, 4.04), (0.9, 4.1), (0.99, 4.5)]:
+        point(tmp_path, f"adamw_beta1-{beta1}", "adamw", {"beta1": beta1}, "finished", loss)
+    (line,) = stability(load_rows(tmp_path), margin=0.05)
+    assert (line["low"], line["high"]) == (0.5, 0.8)
+    assert line["decades"] is None  # log10(0.8 / 0.5) would measure nothing about momentum
+
+
 def test_report_writes_csv_markdown_and_plot(sweep_dir):
     main([str(sweep_dir), "--margin", "0.05"])
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
