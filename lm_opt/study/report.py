@@ -31,6 +31,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lm_opt.study.sweep_plan import DONE, format_value, short_name
 from lm_opt.study.target import plot_curves, target_loss, target_section, time_to_target, validation_interval
 
@@ -312,8 +314,9 @@ def best_runs(rows: list[dict], stable: list[dict]) -> list[tuple[dict, list[dic
 
 def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | None = None,
          unigram: float | None = None) -> bool:
-    """Final val loss against `axis` (log scale over more than a decade), with the seed range as
-    error bars and the unigram baseline as a line; False if nothing to draw."""
+    """Final val loss against `axis` (log scale over more than a decade; a beta on the log scale of
+    1 - beta), with the seed range as error bars and the unigram baseline as a line; False if
+    nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,9 +351,23 @@ def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | Non
         ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
     low, high = ax.get_ylim()
     ax.set_ylim(low, high + 0.08 * (high - low))  # room for the diverged marks
-    if logarithmic([r["values"][axis] for r in rows]):
+    xs, label = sorted({r["values"][axis] for r in rows}), axis
+    if logarithmic(xs):
         ax.set_xscale("log")
-    ax.set(xlabel=axis, ylabel="final validation loss",
+    elif "beta" in axis and all(0 <= x < 1 for x in xs):
+        # Momentum on the scale of its averaging horizon 1 / (1 - beta): 0, 0.9, 0.99 equally spaced.
+        def horizon(b):
+            return -np.log10(np.maximum(1 - np.asarray(b), 1e-12))  # matplotlib probes beta = 1
+
+        def beta(h):
+            return 1 - 10.0 ** -np.asarray(h)
+
+        pad = 0.05 * (horizon(xs[-1]) - horizon(xs[0]))
+        ax.set_xscale("function", functions=(horizon, beta))
+        ax.set_xlim(beta(horizon(xs[0]) - pad), beta(horizon(xs[-1]) + pad))
+        ax.set_xticks(xs, [show(x) for x in xs])
+        label = f"{axis} (spaced by log 1 / (1 - {axis}))"
+    ax.set(xlabel=label, ylabel="final validation loss",
            title=f"{rows[0]['sweep']}: star = best per line, bars = seed range, x at top = diverged")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

@@ -60,6 +60,8 @@ def test_a_momentum_grid_has_a_stable_range_but_no_width_in_decades(tmp_path):
     (line,) = stability(load_rows(tmp_path), margin=0.05)
     assert (line["low"], line["high"]) == (0.5, 0.8)
     assert line["decades"] is None  # log10(0.8 / 0.5) would measure nothing about momentum
+    main([str(tmp_path)])
+    assert (tmp_path / "plot_beta1.png").stat().st_size > 10_000
 
 
 def test_report_writes_csv_markdown_and_plot(sweep_dir):
