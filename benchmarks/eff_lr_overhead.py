@@ -3,8 +3,8 @@ logging step, against the time of a training step, projected to `every_n_steps=5
 
     python -m benchmarks.eff_lr_overhead [--steps 40] [--every 10]
 
-Measured on the tiny preset with AdamW (one quantile set per parameter, a sort of every state
-tensor); TensorBoard histograms are included, the logger is TensorBoard in a temporary folder.
+Measured on the tiny preset with AdamW (one quantile set per parameter, 7 ranks selected from
+every state tensor); TensorBoard histograms are included, the logger is TensorBoard in a temporary folder.
 """
 
 import argparse
