@@ -1,11 +1,13 @@
-"""`python -m lm_opt recheck SWEEP_DIR [--points 2] [--seed S] [--tolerance 0.02]`: do finished points
-of a sweep rerun to their recorded results?
+"""`python -m lm_opt recheck SWEEP_DIR [--points 2] [--seed S] [--tolerance 0.02] [--threads N]`: do
+finished points of a sweep rerun to their recorded results?
 
 Draws `points` finished points at random (seeded, so a check can be repeated), reruns each with the
 command its `point.json` records (the sweep's own command, under this interpreter, with the CPU
 threads its summary records) into a temporary folder, and compares the final validation loss
-with the recorded one. Exit status 1
-where one differs by more than `tolerance` nats, 2 where the folder has no finished point.
+with the recorded one. A CPU record older than the thread count in summaries needs `--threads`:
+its sweep's header says how it ran, and another count takes another rounding path. Exit status 1
+where one differs by more than `tolerance` nats, 2 where the folder has no finished point or a
+drawn point's threads are unknown (before anything runs).
 
 A rerun matches to the last digit on the machine and software that made the record; another CPU
 or torch version takes another rounding path, and training amplifies it (README, "The CPU study").
@@ -30,10 +32,23 @@ def finished_points(sweep_dir: Path) -> list[Path]:
             and read_summary(d).get("status") == "finished"]
 
 
-def rerun(point_dir: Path, out_dir: Path) -> dict:
-    """The point's recorded command, its logs redirected to `out_dir`; returns the new summary."""
+def cpu_threads(point_dir: Path, default: int | None) -> int | None:
+    """The CPU threads the point's run recorded, else `default`; None for a run on another device."""
+    device = (read_summary(point_dir).get("provenance") or {}).get("device") or {}
+    if device.get("type", "cpu") != "cpu":
+        return None
+    threads = device.get("threads") or default
+    if threads is None:
+        raise SpecError(f"{point_dir}/summary.json does not record the CPU threads its run used (a record older "
+                        "than lm_opt's thread count): pass --threads as its sweep ran, e.g. --threads 1 for "
+                        "`--jobs 2` on 2 cores or OMP_NUM_THREADS=1")
+    return threads
+
+
+def rerun(point_dir: Path, out_dir: Path, threads: int | None = None) -> dict:
+    """The point's recorded command, its logs redirected to `out_dir`, with `threads` CPU threads;
+    returns the new summary."""
     command = json.loads((point_dir / "point.json").read_text())["command"]
-    threads = ((read_summary(point_dir).get("provenance") or {}).get("device") or {}).get("threads")
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     log = out_dir / f"{point_dir.name}.log"
     with open(log, "w") as output:
@@ -43,16 +58,17 @@ def rerun(point_dir: Path, out_dir: Path) -> dict:
     return read_summary(out_dir / point_dir.name) or {"status": f"no summary (see {log})"}
 
 
-def recheck(sweep_dir: Path, points: int, seed: int, tolerance: float) -> list[dict]:
+def recheck(sweep_dir: Path, points: int, seed: int, tolerance: float, threads: int | None = None) -> list[dict]:
     candidates = finished_points(sweep_dir)
     if not candidates:
         raise SpecError(f"{sweep_dir} holds no finished point with a point.json")
     chosen = random.Random(seed).sample(candidates, min(points, len(candidates)))
+    chosen_threads = [cpu_threads(point_dir, threads) for point_dir in chosen]  # every error before any run
     rows = []
     with tempfile.TemporaryDirectory(prefix="recheck-") as tmp:
-        for point_dir in chosen:
+        for point_dir, point_threads in zip(chosen, chosen_threads):
             recorded = read_summary(point_dir)["final_val_loss"]
-            again = rerun(point_dir, Path(tmp))
+            again = rerun(point_dir, Path(tmp), point_threads)
             loss = again.get("final_val_loss")
             delta = None if loss is None else loss - recorded
             rows.append({"point": point_dir.name, "recorded": recorded, "rerun": loss, "delta": delta,
@@ -69,11 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", type=int, default=2, help="finished points to rerun, drawn at random")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw")
     parser.add_argument("--tolerance", type=float, default=0.02, help="nats a rerun may differ by")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for points whose record does not say (records it does not override)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder")
     try:
-        rows = recheck(args.sweep_dir, args.points, args.seed, args.tolerance)
+        rows = recheck(args.sweep_dir, args.points, args.seed, args.tolerance, args.threads)
     except SpecError as err:
         print(f"lm_opt recheck: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

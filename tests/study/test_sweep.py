@@ -304,6 +304,29 @@ def test_recheck_reruns_a_point_with_the_cpu_threads_it_recorded(tmp_path, monke
     assert row["ok"] and row["delta"] == pytest.approx(0.01)
 
 
+def test_recheck_needs_threads_for_a_cpu_record_without_them_before_anything_runs(tmp_path, monkeypatch, capsys):
+    point = tmp_path / "sweep" / "sgd_lr1"
+    point.mkdir(parents=True)
+    (point / "point.json").write_text(json.dumps({"command": ["python", "-m", "lm_opt", "fit"]}))
+    (point / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 6.0,
+                                                    "provenance": {"device": {"type": "cpu"}}}))
+    calls = []
+
+    def run(command, env, **kwargs):
+        calls.append(env["OMP_NUM_THREADS"])
+        out = Path(command[command.index("--trainer.logger.init_args.save_dir") + 1]) / "sgd_lr1"
+        out.mkdir()
+        (out / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 6.0}))
+
+    monkeypatch.setattr(recheck.subprocess, "run", run)
+    with pytest.raises(SystemExit) as exit_:
+        recheck.main([str(tmp_path / "sweep")])
+    assert exit_.value.code == 2 and not calls
+    assert "sgd_lr1/summary.json does not record the CPU threads" in capsys.readouterr().err
+    recheck.main([str(tmp_path / "sweep"), "--threads", "1"])
+    assert calls == ["1"]
+
+
 @pytest.mark.slow
 def test_recheck_reruns_recorded_points_and_flags_one_that_does_not_match(micro, tmp_path, capsys, monkeypatch):
     out = tmp_path / "copy"
@@ -372,7 +395,7 @@ def test_a_point_another_sweep_ran_is_copied_and_reruns_to_its_record(micro, tmp
     point = json.loads((copied / "point.json").read_text())
     assert point["copied_from"] == str(source) and point["sweep"] == "sibling"
     assert f"{copied}/{sweep_plan.OPTIMIZER_YAML}" in point["command"] and not (copied / "checkpoints").exists()
-    again = recheck.rerun(copied, tmp_path)
+    again = recheck.rerun(copied, tmp_path, recheck.cpu_threads(copied, None))
     assert again["final_val_loss"] == json.loads((source / "summary.json").read_text())["final_val_loss"]
 
     launched.clear()
