@@ -1,5 +1,5 @@
-"""`python -m lm_opt report SWEEP_DIR [--margin 0.05] [--target adamw ...]`: a sweep's table, plots, stability
-and steps to target losses.
+"""`python -m lm_opt report SWEEP_DIR [--margin 0.05] [--target adamw ...] [--compare SWEEP_DIR ...]`: a
+sweep's table, plots, stability and steps to target losses.
 
 Reads the point folders alone: each one's `point.json` (optimizer and swept values, written by
 `sweep`) and `summary.json` (written by the run). A folder with only a `summary.json` (a run
@@ -240,7 +240,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict | None, plots: list[Path],
              margin: float, timed: list[tuple[str, str, list[dict]]] | None = None,
-             per_seed: list[dict] | None = None) -> str:
+             per_seed: list[dict] | None = None, compared: list[str] | None = None) -> str:
     axes = axes_of(rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     best = {(s["optimizer"], s["condition"]): s.get("best_point") for s in stable}
@@ -301,8 +301,38 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
         lines += ["", "## Not finished", ""] + [
             f"- {r['point']}: {r['status']}" + (f": {r['error']}" if r["error"] else "")
             + f" (log: {r['point']}/fit.log)" for r in problems]
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", *(compared or []), "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def labelled(rows: list[dict]) -> list[dict]:
+    """Rows with their sweep as one more shared axis: each sweep's own line per optimizer in a plot."""
+    return [dict(r, values={**r["values"], "sweep": r["sweep"]}, shared=[*r["shared"], "sweep"]) for r in rows]
+
+
+def comparison(rows: list[dict], other: list[dict], margin: float) -> list[str]:
+    """Markdown: each line's best point and stable range here and in another sweep of the same grid
+    (an ablation against its base), with the other's seed range at its best where it has one."""
+    theirs = {(s["optimizer"], s["condition"]): s for s in stability(other, margin)}
+    noise = seed_noise(other)
+    name = other[0]["sweep"]
+    lines = [f"## Against {name}: each line's best and its range within {margin} nats", "",
+             f"The difference is this sweep's best final loss minus {name}'s (its mean over seeds where its best "
+             "point ran with several).", "",
+             f"| optimizer | condition | best here | range here | best in {name} | range in {name} | difference |",
+             "|" + " --- |" * 7]
+    for mine in stability(rows, margin):
+        other_line = theirs.get((mine["optimizer"], mine["condition"]))
+        if "best_loss" not in mine or not other_line or "best_loss" not in other_line:
+            continue
+        stats = noise.get((other_line["optimizer"], other_line["condition"], format_value(other_line["best_x"])), {})
+        their_loss = stats.get("mean", other_line["best_loss"])
+        their_best = (f"{show(other_line['best_x'])}: {their_loss:.4f}" + (
+            f" ({stats['min']:.4f} .. {stats['max']:.4f}, {stats['n']} seeds)" if "mean" in stats else ""))
+        span = [f"{show(s['low'])} .. {show(s['high'])}" if "low" in s else "" for s in (mine, other_line)]
+        lines.append(f"| {mine['optimizer']} | {mine['condition']} | {show(mine['best_x'])}: {mine['best_loss']:.4f} "
+                     f"| {span[0]} | {their_best} | {span[1]} | {mine['best_loss'] - their_loss:+.4f} |")
+    return lines + [""]
 
 
 def best_runs(rows: list[dict], stable: list[dict]) -> list[tuple[dict, list[dict]]]:
@@ -378,10 +408,12 @@ def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | Non
     return True
 
 
-def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str] | None = None) -> Path:
+def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str] | None = None,
+                 compare: list[str | Path] = ()) -> Path:
     """Write results.csv, results.md and the plots into `sweep_dir`; returns results.md. Each of
     `targets` (a setup's label or a loss) adds steps to that target; they default to the reference
-    optimizer where the runs have validation curves."""
+    optimizer where the runs have validation curves. Each sweep in `compare` (the same grid under
+    another setup) adds its lines to the plots, dashed, and a table of best points against it."""
     sweep_dir = Path(sweep_dir)
     rows = load_rows(sweep_dir)
     if not rows:
@@ -389,10 +421,14 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
     write_csv(rows, sweep_dir / "results.csv")
     base, noise = baseline(sweep_dir, rows), seed_noise(rows)
     unigram = base and base["unigram_val_loss"]
+    others = [load_rows(Path(d)) for d in compare]
+    if not all(others):
+        raise FileNotFoundError(f"a sweep to compare with holds no point folders: {[str(d) for d in compare]}")
+    drawn = labelled(rows + [r for other in others for r in other]) if others else rows
     plots = []
     for axis in dict.fromkeys(x_axis(r) for r in rows if x_axis(r)):
         path = sweep_dir / f"plot_{format_value(axis)}.png"
-        if plot(rows, axis, path, noise, unigram):
+        if plot(drawn, axis, path, seed_noise(drawn), unigram):
             plots.append(path)
     stable = stability(rows, margin)
     found = findings(stable, noise)
@@ -407,7 +443,8 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
     if curves and plot_curves(lines, sweep_dir / "plot_curves.png", goals, unigram):
         plots.append(sweep_dir / "plot_curves.png")
     per_seed = stability_per_seed(rows, margin)
-    (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed, per_seed))
+    compared = [line for other in others for line in comparison(rows, other, margin)]
+    (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed, per_seed, compared))
     print(f"report: {sweep_dir / 'results.md'}, results.csv, " + ", ".join(p.name for p in plots))
     return sweep_dir / "results.md"
 
@@ -419,8 +456,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", nargs="+", help=f"steps to these losses: a setup's label (its mean final loss "
                                                     f"over seeds) or a number; default {REFERENCE} where the runs "
                                                     "have validation curves")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="SWEEP_DIR",
+                        help="sweeps of the same grid under another setup (e.g. the base of an ablation): their "
+                             "lines join the plots, dashed, and a table compares each line's best")
     args = parser.parse_args(argv)
     try:
-        write_report(args.sweep_dir, args.margin, args.target)
+        write_report(args.sweep_dir, args.margin, args.target, args.compare)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

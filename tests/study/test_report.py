@@ -168,3 +168,20 @@ def test_a_seeds_width_waits_for_its_whole_grid(tmp_path):
     point(tmp_path, "adamw_lr1.00e-03_seed2", "adamw", {"lr": 1e-3, "seed": 2}, "finished", 4.25)
     (line,) = stability_per_seed(load_rows(tmp_path), margin=0.1)
     assert line["widths"] == [pytest.approx(0.5, abs=1e-3), None, pytest.approx(0.5, abs=1e-3)]
+
+
+def test_compare_adds_the_other_sweeps_lines_and_a_table_of_best_points(tmp_path):
+    ablation, base = tmp_path / "no_qk_norm", tmp_path / "base"
+    for lr, loss in [(1e-3, 4.19), (3.16e-3, 4.1), (1e-2, 4.6)]:
+        point(ablation, f"adamw_lr{lr:.2e}", "adamw", {"lr": lr}, "finished", loss)
+    for lr, loss in [(1e-3, 4.09), (3.16e-3, 4.0), (1e-2, 4.05)]:
+        point(base, f"adamw_lr{lr:.2e}", "adamw", {"lr": lr}, "finished", loss)
+    for seed, loss in [(1, 3.9), (2, 4.2)]:
+        point(base, f"adamw_lr3.16e-03_seed{seed}", "adamw", {"lr": 3.16e-3, "seed": seed}, "finished", loss)
+    main([str(ablation), "--margin", "0.1", "--compare", str(base)])
+    text = (ablation / "results.md").read_text()
+    assert "| adamw |  | 3.16e-03: 4.1000 | 1.00e-03 .. 3.16e-03 | 3.16e-03: 4.0333 (3.9000 .. 4.2000, 3 seeds) " \
+           "| 1.00e-03 .. 0.01 | +0.0667 |" in text
+    assert (ablation / "plot_lr.png").is_file() and not (base / "results.md").exists()
+    with pytest.raises(SystemExit):
+        main([str(ablation), "--compare", str(tmp_path / "empty")])
