@@ -310,9 +310,9 @@ def labelled(rows: list[dict]) -> list[dict]:
     return [dict(r, values={**r["values"], "sweep": r["sweep"]}, shared=[*r["shared"], "sweep"]) for r in rows]
 
 
-def comparison(rows: list[dict], other: list[dict], margin: float) -> list[str]:
-    """Markdown: each line's best point and stable range here and in another sweep of the same grid
-    (an ablation against its base), with the other's seed range at its best where it has one."""
+def comparison(stable: list[dict], other: list[dict], margin: float) -> list[str]:
+    """Markdown: each line's best point and stable range here (`stable`) and in another sweep of the
+    same grid (an ablation against its base), with the other's seed range at its best where it has one."""
     theirs = {(s["optimizer"], s["condition"]): s for s in stability(other, margin)}
     noise = seed_noise(other)
     name = other[0]["sweep"]
@@ -321,7 +321,7 @@ def comparison(rows: list[dict], other: list[dict], margin: float) -> list[str]:
              "point ran with several).", "",
              f"| optimizer | condition | best here | range here | best in {name} | range in {name} | difference |",
              "|" + " --- |" * 7]
-    for mine in stability(rows, margin):
+    for mine in stable:
         other_line = theirs.get((mine["optimizer"], mine["condition"]))
         if "best_loss" not in mine or not other_line or "best_loss" not in other_line:
             continue
@@ -443,7 +443,7 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
     if curves and plot_curves(lines, sweep_dir / "plot_curves.png", goals, unigram):
         plots.append(sweep_dir / "plot_curves.png")
     per_seed = stability_per_seed(rows, margin)
-    compared = [line for other in others for line in comparison(rows, other, margin)]
+    compared = [line for other in others for line in comparison(stable, other, margin)]
     (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed, per_seed, compared))
     print(f"report: {sweep_dir / 'results.md'}, results.csv, " + ", ".join(p.name for p in plots))
     return sweep_dir / "results.md"
