@@ -68,7 +68,7 @@ def read_point(run_dir: Path) -> dict | None:
     values = dict(point["values"])
     row = {"point": point["name"], "optimizer": point["optimizer"], "seed": values.pop("seed", None),
            "values": values, "shared": point.get("shared", []), "sweep": point.get("sweep", run_dir.parent.name),
-           "run_dir": run_dir}
+           "run_dir": run_dir, "copied": "copied_from" in point}
     row.update({k: summary.get(k) for k in FIELDS + CURVE_FIELDS}, status=status)
     return row
 
@@ -238,6 +238,16 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow([r["point"], r["optimizer"], *values, seed, *(r.get(k) for k in FIELDS)])
 
 
+def compute_line(rows: list[dict]) -> str:
+    """What rerunning the sweep costs: the summed wall time of the runs it ran itself (records
+    copied from another sweep cost nothing to rerun)."""
+    ran = [r for r in rows if not r["copied"] and r["wall_time_s"] is not None]
+    copied = sum(r["copied"] for r in rows)
+    hours = sum(r["wall_time_s"] for r in ran) / 3600
+    return (f"Compute: {len(ran)} runs ran here, {hours:.2f} h of wall time summed over them (the sweep's "
+            f"own clock is that over `--jobs`); {copied} copied from another sweep's records.")
+
+
 def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict | None, plots: list[Path],
              margin: float, timed: list[tuple[str, str, list[dict]]] | None = None,
              per_seed: list[dict] | None = None, compared: list[str] | None = None) -> str:
@@ -245,7 +255,8 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     best = {(s["optimizer"], s["condition"]): s.get("best_point") for s in stable}
     lines = [f"# Sweep {rows[0]['sweep']}", "",
-             f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), ""]
+             f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), "",
+             compute_line(rows), ""]
     unigram = base and base["unigram_val_loss"]
     if base:
         lines += [f"Baseline: the unigram cross-entropy of the validation set is **{unigram:.4f}** nats (token "

@@ -64,6 +64,18 @@ def test_a_momentum_grid_has_a_stable_range_but_no_width_in_decades(tmp_path):
     assert (tmp_path / "plot_beta1.png").stat().st_size > 10_000
 
 
+def test_the_compute_line_counts_the_runs_a_rerun_would_run_and_not_copied_records(sweep_dir):
+    record = sweep_dir / "adamw_lr1.00e-04" / "point.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "copied_from": "logs/sweeps/other/adamw"}))
+    for summary in sweep_dir.glob("*/summary.json"):
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "wall_time_s": 1800}))
+    main([str(sweep_dir)])
+    md = (sweep_dir / "results.md").read_text()
+    # 8 summaries of half an hour, one of them copied: 7 ran; the never-summarised point has no time
+    assert "Compute: 7 runs ran here, 3.50 h of wall time" in md
+    assert "; 1 copied from another sweep's records." in md
+
+
 def test_report_writes_csv_markdown_and_plot(sweep_dir):
     main([str(sweep_dir), "--margin", "0.05"])
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
