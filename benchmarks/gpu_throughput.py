@@ -2,11 +2,11 @@
 
 Runs the real LightningModule and optimizer routing (bf16-mixed, compiled) on random tokens, so
 the data pipeline is left out (benchmarks/data_throughput.py measures that). Each optimizer runs
-in turn in one process; the first `--warmup` steps (compilation, SOAP's first eigendecomposition)
-are not timed. The step is split with CUDA events, which do not stall the GPU, into forward +
+in turn in one process, set up as its `configs/optim/<name>.yaml` sets it up (routes included);
+the first `--warmup` steps (compilation, SOAP's first eigendecomposition) are not timed. The step is split with CUDA events, which do not stall the GPU, into forward +
 backward (batch start to the optimizer's pre-step hook) and optimizer step (the rest).
 
-    python -m benchmarks.gpu_throughput --preset 150m --optimizers adamw soap
+    python -m benchmarks.gpu_throughput --preset 150m --optimizers adamw soap shampoo muon
     python -m benchmarks.gpu_throughput --preset tiny --device cpu --steps 4   # a smoke run anywhere
 
 The study reports about 300k tokens/s per H100 for its 150m model.
@@ -15,9 +15,11 @@ The study reports about 300k tokens/s per H100 for its 150m model.
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader
 
@@ -25,12 +27,15 @@ from lm_opt.callbacks import OptimizerCallback
 from lm_opt.callbacks.throughput import dense_peak_flops
 from lm_opt.module import LMModule
 
-OPTIMIZERS = {
-    "adamw": {"class_path": "torch.optim.AdamW",
-              "init_args": {"lr": 3.16e-3, "betas": [0.9, 0.95], "eps": 1e-15, "weight_decay": 0.0, "fused": True}},
-    "soap": {"class_path": "lm_opt.optim.SOAP",
-             "init_args": {"lr": 3.16e-3, "betas": [0.95, 0.95], "precondition_frequency": 10}},
-}
+OPTIM_CONFIGS = Path(__file__).parents[1] / "configs" / "optim"
+OPTIMIZERS = sorted(p.stem for p in OPTIM_CONFIGS.glob("*.yaml"))
+
+
+def optimizer_callback(name: str) -> OptimizerCallback:
+    """The OptimizerCallback of `configs/optim/<name>.yaml`: what `fit --config` would train with."""
+    callbacks = yaml.safe_load((OPTIM_CONFIGS / f"{name}.yaml").read_text())["trainer"]["callbacks"]
+    (args,) = [c["init_args"] for c in callbacks if c["class_path"].endswith("OptimizerCallback")]
+    return OptimizerCallback(optimizer=args.get("optimizer"), routes=args.get("routes"))
 
 
 class RandomTokens(L.LightningDataModule):
@@ -110,7 +115,7 @@ def run(preset: str, optimizer: str, args: argparse.Namespace) -> dict[str, floa
         accelerator=args.device, devices=1, precision=args.precision, max_steps=steps,
         accumulate_grad_batches=args.accumulate, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[OptimizerCallback(optimizer=OPTIMIZERS[optimizer]), timer],
+        callbacks=[optimizer_callback(optimizer), timer],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -131,7 +136,8 @@ def run(preset: str, optimizer: str, args: argparse.Namespace) -> dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="150m")
-    parser.add_argument("--optimizers", nargs="+", default=["adamw", "soap"], choices=sorted(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "soap"], choices=OPTIMIZERS,
+                        help="names of configs/optim/*.yaml")
     parser.add_argument("--vocab_size", type=int, help="override the preset's vocabulary (the tokens are random)")
     parser.add_argument("--batch_size", type=int, default=64, help="micro-batch, sequences")
     parser.add_argument("--seq_len", type=int, default=512)
@@ -150,11 +156,12 @@ def main() -> None:
           f"{args.accumulate}, {args.precision}, compile {args.compile}, torch {torch.__version__}")
     rows = {opt: run(args.preset, opt, args) for opt in args.optimizers}
     columns = list(next(iter(rows.values())))
-    print(f"{'optimizer':10}" + "".join(f"{c:>14}" for c in columns))
+    width = max(map(len, ["optimizer", *rows])) + 1
+    print(f"{'optimizer':{width}}" + "".join(f"{c:>14}" for c in columns))
     for opt, row in rows.items():
         cells = (f"{row[c]:14,.0f}" if c == "tokens/s" else f"{row[c]:14.3f}" if c in ("MFU", "peak_GiB")
                  else f"{row[c]:14.1f}" for c in columns)
-        print(f"{opt:10}" + "".join(cells))
+        print(f"{opt:{width}}" + "".join(cells))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ def throughput(*args: str) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_the_benchmark_times_both_optimizers_and_splits_the_step_on_cpu():
+def test_the_benchmark_times_each_optimizer_config_and_splits_the_step_on_cpu():
     # A 256-token vocabulary: SOAP's eigenbases stay small (the tiny preset's 8192 would take a minute).
     rows = throughput("--preset", "tiny", "--vocab_size", "256", "--device", "cpu", "--no-compile", "--precision", "32-true",
                       "--batch_size", "2", "--seq_len", "32", "--steps", "3", "--warmup", "1",
-                      "--optimizers", "adamw", "soap")
+                      "--optimizers", "adamw", "soap", "sgd_adalayer_last_norm")
+    assert set(rows) == {"adamw", "soap", "sgd_adalayer_last_norm"}  # a routed config runs as fit runs it
     for row in rows.values():
         assert row["tokens/s"] > 0
         assert 0 < row["fwd_bwd_ms"] <= row["step_ms"] and 0 < row["optimizer_ms"] <= row["step_ms"]
