@@ -3,8 +3,9 @@
 Runs the real LightningModule and optimizer routing (bf16-mixed, compiled) on random tokens, so
 the data pipeline is left out (benchmarks/data_throughput.py measures that). Each optimizer runs
 in turn in one process, set up as its `configs/optim/<name>.yaml` sets it up (routes included);
-the first `--warmup` steps (compilation, SOAP's first eigendecomposition) are not timed. The step is split with CUDA events, which do not stall the GPU, into forward +
-backward (batch start to the optimizer's pre-step hook) and optimizer step (the rest).
+the first `--warmup` steps (compilation, SOAP's first eigendecomposition) are not timed. The
+step is split with CUDA events, which do not stall the GPU, into forward + backward (batch start
+to the optimizer's pre-step hook) and optimizer step (the rest).
 
     python -m benchmarks.gpu_throughput --preset 150m --optimizers adamw soap shampoo muon
     python -m benchmarks.gpu_throughput --preset tiny --device cpu --steps 4   # a smoke run anywhere

@@ -321,28 +321,40 @@ def labelled(rows: list[dict]) -> list[dict]:
     return [dict(r, values={**r["values"], "sweep": r["sweep"]}, shared=[*r["shared"], "sweep"]) for r in rows]
 
 
-def comparison(stable: list[dict], other: list[dict], margin: float) -> list[str]:
-    """Markdown: each line's best point and stable range here (`stable`) and in another sweep of the
-    same grid (an ablation against its base), with the other's seed range at its best where it has one."""
+def best_of_line(line: dict, noise: dict[tuple, dict]) -> tuple[float, dict, str]:
+    """A line's best final loss (the mean over seeds where its best point ran with several), the
+    seed statistics there, and the table cell that shows both."""
+    stats = noise.get((line["optimizer"], line["condition"], format_value(line["best_x"])), {})
+    loss = stats.get("mean", line["best_loss"])
+    seeds = f" ({stats['min']:.4f} .. {stats['max']:.4f}, {stats['n']} seeds)" if "mean" in stats else ""
+    return loss, stats, f"{show(line['best_x'])}: {loss:.4f}{seeds}"
+
+
+def comparison(stable: list[dict], noise: dict[tuple, dict], other: list[dict], margin: float) -> list[str]:
+    """Markdown: each line's best point and stable range here (`stable`, seed statistics `noise`) and
+    in another sweep of the same grid (an ablation against its base). A difference counts as beyond
+    seed noise where both bests ran with several seeds and their ranges do not overlap."""
     theirs = {(s["optimizer"], s["condition"]): s for s in stability(other, margin)}
-    noise = seed_noise(other)
+    their_noise = seed_noise(other)
     name = other[0]["sweep"]
     lines = [f"## Against {name}: each line's best and its range within {margin} nats", "",
-             f"The difference is this sweep's best final loss minus {name}'s (its mean over seeds where its best "
-             "point ran with several).", "",
-             f"| optimizer | condition | best here | range here | best in {name} | range in {name} | difference |",
-             "|" + " --- |" * 7]
+             f"The difference is this sweep's best final loss minus {name}'s, each the mean over seeds where "
+             "the best point ran with several.", "",
+             f"| optimizer | condition | best here | range here | best in {name} | range in {name} | difference "
+             "| beyond seed noise |", "|" + " --- |" * 8]
     for mine in stable:
         other_line = theirs.get((mine["optimizer"], mine["condition"]))
         if "best_loss" not in mine or not other_line or "best_loss" not in other_line:
             continue
-        stats = noise.get((other_line["optimizer"], other_line["condition"], format_value(other_line["best_x"])), {})
-        their_loss = stats.get("mean", other_line["best_loss"])
-        their_best = (f"{show(other_line['best_x'])}: {their_loss:.4f}" + (
-            f" ({stats['min']:.4f} .. {stats['max']:.4f}, {stats['n']} seeds)" if "mean" in stats else ""))
+        (my_loss, my_stats, my_cell), (their_loss, their_stats, their_cell) = (
+            best_of_line(mine, noise), best_of_line(other_line, their_noise))
+        beyond = ""
+        if "mean" in my_stats and "mean" in their_stats:
+            apart = my_stats["min"] > their_stats["max"] or their_stats["min"] > my_stats["max"]
+            beyond = "yes" if apart else "no"
         span = [f"{show(s['low'])} .. {show(s['high'])}" if "low" in s else "" for s in (mine, other_line)]
-        lines.append(f"| {mine['optimizer']} | {mine['condition']} | {show(mine['best_x'])}: {mine['best_loss']:.4f} "
-                     f"| {span[0]} | {their_best} | {span[1]} | {mine['best_loss'] - their_loss:+.4f} |")
+        lines.append(f"| {mine['optimizer']} | {mine['condition']} | {my_cell} | {span[0]} | {their_cell} "
+                     f"| {span[1]} | {my_loss - their_loss:+.4f} | {beyond} |")
     return lines + [""]
 
 
@@ -409,12 +421,11 @@ def plot(rows: list[dict], axis: str, path: Path, noise: dict[tuple, dict] | Non
         ax.set_xticks(xs, [show(x) for x in xs])
         label = f"{axis} (spaced by log 1 / (1 - {axis}))"
     ax.set(xlabel=label, ylabel="final validation loss",
-           title=f"{rows[0]['sweep']}: star = best per line, bars = seed range, x at top = diverged")
+           title=f"{rows[0]['sweep']}\nstar = best per line, bars = seed range, x at top = diverged")
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: over them it hides the curves
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -454,7 +465,7 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
     if curves and plot_curves(lines, sweep_dir / "plot_curves.png", goals, unigram):
         plots.append(sweep_dir / "plot_curves.png")
     per_seed = stability_per_seed(rows, margin)
-    compared = [line for other in others for line in comparison(stable, other, margin)]
+    compared = [line for other in others for line in comparison(stable, noise, other, margin)]
     (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed, per_seed, compared))
     print(f"report: {sweep_dir / 'results.md'}, results.csv, " + ", ".join(p.name for p in plots))
     return sweep_dir / "results.md"

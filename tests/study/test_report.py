@@ -193,7 +193,18 @@ def test_compare_adds_the_other_sweeps_lines_and_a_table_of_best_points(tmp_path
     main([str(ablation), "--margin", "0.1", "--compare", str(base)])
     text = (ablation / "results.md").read_text()
     assert "| adamw |  | 3.16e-03: 4.1000 | 1.00e-03 .. 3.16e-03 | 3.16e-03: 4.0333 (3.9000 .. 4.2000, 3 seeds) " \
-           "| 1.00e-03 .. 0.01 | +0.0667 |" in text
+           "| 1.00e-03 .. 0.01 | +0.0667 |  |" in text  # one seed here: no verdict on the noise
+    for seed, loss in [(1, 4.25), (2, 4.4)]:
+        point(ablation, f"adamw_lr3.16e-03_seed{seed}", "adamw", {"lr": 3.16e-3, "seed": seed}, "finished", loss)
+    for sweep, losses in [(ablation, (6.0, 6.1, 6.05)), (base, (5.0, 5.1, 4.9))]:
+        point(sweep, "sgd_lr0.1", "sgd", {"lr": 0.1}, "finished", losses[0])
+        for seed in (1, 2):
+            point(sweep, f"sgd_lr0.1_seed{seed}", "sgd", {"lr": 0.1, "seed": seed}, "finished", losses[seed])
+    main([str(ablation), "--margin", "0.1", "--compare", str(base)])
+    text = (ablation / "results.md").read_text()
+    assert "| adamw |  | 3.16e-03: 4.2500 (4.1000 .. 4.4000, 3 seeds) | 1.00e-03 .. 3.16e-03 " \
+           "| 3.16e-03: 4.0333 (3.9000 .. 4.2000, 3 seeds) | 1.00e-03 .. 0.01 | +0.2167 | no |" in text
+    assert "| sgd |  | 0.1: 6.0500 (6.0000 .. 6.1000, 3 seeds) |" in text and "| +1.0500 | yes |" in text
     assert (ablation / "plot_lr.png").is_file() and not (base / "results.md").exists()
     with pytest.raises(SystemExit):
         main([str(ablation), "--compare", str(tmp_path / "empty")])
