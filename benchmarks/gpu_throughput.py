@@ -32,11 +32,12 @@ OPTIM_CONFIGS = Path(__file__).parents[1] / "configs" / "optim"
 OPTIMIZERS = sorted(p.stem for p in OPTIM_CONFIGS.glob("*.yaml"))
 
 
-def optimizer_callback(name: str) -> OptimizerCallback:
-    """The OptimizerCallback of `configs/optim/<name>.yaml`: what `fit --config` would train with."""
-    callbacks = yaml.safe_load((OPTIM_CONFIGS / f"{name}.yaml").read_text())["trainer"]["callbacks"]
+def optimizer_init_args(config: Path) -> dict:
+    """The OptimizerCallback's init_args in an optimizer YAML (`configs/optim/*.yaml`): what
+    `fit --config` would train with."""
+    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     (args,) = [c["init_args"] for c in callbacks if c["class_path"].endswith("OptimizerCallback")]
-    return OptimizerCallback(optimizer=args.get("optimizer"), routes=args.get("routes"))
+    return args
 
 
 class RandomTokens(L.LightningDataModule):
@@ -116,7 +117,7 @@ def run(preset: str, optimizer: str, args: argparse.Namespace) -> dict[str, floa
         accelerator=args.device, devices=1, precision=args.precision, max_steps=steps,
         accumulate_grad_batches=args.accumulate, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[optimizer_callback(optimizer), timer],
+        callbacks=[OptimizerCallback(**optimizer_init_args(OPTIM_CONFIGS / f"{optimizer}.yaml")), timer],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -11,9 +11,10 @@ percentile instead, and each diverged run what it took (it stops early).
 """
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from lm_opt.study.report import load_rows
 
 ROOT = Path(__file__).parents[1]
 CPU_STUDY = ("cpu_study", "cpu_lr", "cpu_beta1", "cpu_adamw_hparams", "cpu_frozen_adalayer", "cpu_lr_no_qk_norm",
@@ -21,23 +22,17 @@ CPU_STUDY = ("cpu_study", "cpu_lr", "cpu_beta1", "cpu_adamw_hparams", "cpu_froze
 
 
 def ran_here(sweep_dir: Path) -> tuple[list[dict], int]:
-    """The summaries of the points this sweep ran itself, and how many it copied."""
-    ran, copied = [], 0
-    for point_file in sorted(sweep_dir.glob("*/point.json")):
-        summary_file = point_file.with_name("summary.json")
-        if "copied_from" in json.loads(point_file.read_text()):
-            copied += 1
-        elif summary_file.is_file():
-            ran.append(json.loads(summary_file.read_text()))
-    return ran, copied
+    """The report rows of the points this sweep ran itself, and how many records it copied."""
+    rows = load_rows(sweep_dir)
+    return [r for r in rows if not r["copied"] and r["wall_time_s"] is not None], sum(r["copied"] for r in rows)
 
 
-def cost(summaries: list[dict]) -> tuple[float, float]:
+def cost(runs: list[dict]) -> tuple[float, float]:
     """Seconds as recorded, and undisturbed: finished runs at the sweep's 10th-percentile wall time."""
-    recorded = sum(s["wall_time_s"] for s in summaries)
-    finished = sorted(s["wall_time_s"] for s in summaries if s["status"] == "finished")
+    recorded = sum(r["wall_time_s"] for r in runs)
+    finished = sorted(r["wall_time_s"] for r in runs if r["status"] == "finished")
     quiet_run = statistics.quantiles(finished, n=10)[0] if len(finished) > 1 else sum(finished)
-    undisturbed = len(finished) * quiet_run + sum(s["wall_time_s"] for s in summaries if s["status"] != "finished")
+    undisturbed = len(finished) * quiet_run + sum(r["wall_time_s"] for r in runs if r["status"] != "finished")
     return recorded, undisturbed
 
 
@@ -49,10 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| sweep | runs | copied | recorded (h) | undisturbed (h) |\n| --- | --- | --- | --- | --- |")
     totals = [0.0, 0.0]
     for name in args.specs:
-        summaries, copied = ran_here(ROOT / "logs" / "sweeps" / name)
-        recorded, undisturbed = cost(summaries)
+        runs, copied = ran_here(ROOT / "logs" / "sweeps" / name)
+        recorded, undisturbed = cost(runs)
         totals = [totals[0] + recorded, totals[1] + undisturbed]
-        print(f"| {name} | {len(summaries)} | {copied} | {recorded / 3600:.2f} | {undisturbed / 3600:.2f} |")
+        print(f"| {name} | {len(runs)} | {copied} | {recorded / 3600:.2f} | {undisturbed / 3600:.2f} |")
     print(f"\nsummed over the runs: {totals[0] / 3600:.2f} h recorded, {totals[1] / 3600:.2f} h undisturbed; "
           f"at --jobs {args.jobs} on this machine: {totals[0] / 3600 / args.jobs:.2f} h and "
           f"{totals[1] / 3600 / args.jobs:.2f} h of wall clock")

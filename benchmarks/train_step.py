@@ -15,9 +15,9 @@ import statistics
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.cpu_train import fit
+from benchmarks.gpu_throughput import optimizer_init_args
 from lm_opt.callbacks import OptimizerCallback
 
 KRONECKER = ("lm_opt.optim.SOAP", "lm_opt.optim.Shampoo")
@@ -25,7 +25,7 @@ KRONECKER = ("lm_opt.optim.SOAP", "lm_opt.optim.Shampoo")
 
 def callback(config: Path, max_precond_dim: int | None) -> OptimizerCallback:
     """The OptimizerCallback of an optimizer YAML, with SOAP's and Shampoo's max_precond_dim set."""
-    init_args = yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"]
+    init_args = optimizer_init_args(config)
     optimizer = init_args.get("optimizer")
     if max_precond_dim and optimizer and optimizer["class_path"] in KRONECKER:
         optimizer["init_args"]["max_precond_dim"] = max_precond_dim
