@@ -14,17 +14,11 @@ import argparse
 import statistics
 from pathlib import Path
 
-from lm_opt.study.report import load_rows
+from lm_opt.study.report import load_rows, ran_here
 
 ROOT = Path(__file__).parents[1]
 CPU_STUDY = ("cpu_study", "cpu_lr", "cpu_beta1", "cpu_adamw_hparams", "cpu_frozen_adalayer", "cpu_lr_no_qk_norm",
              "cpu_hybrids_1000")
-
-
-def ran_here(sweep_dir: Path) -> tuple[list[dict], int]:
-    """The report rows of the points this sweep ran itself, and how many records it copied."""
-    rows = load_rows(sweep_dir)
-    return [r for r in rows if not r["copied"] and r["wall_time_s"] is not None], sum(r["copied"] for r in rows)
 
 
 def cost(runs: list[dict]) -> tuple[float, float]:
@@ -44,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| sweep | runs | copied | recorded (h) | undisturbed (h) |\n| --- | --- | --- | --- | --- |")
     totals = [0.0, 0.0]
     for name in args.specs:
-        runs, copied = ran_here(ROOT / "logs" / "sweeps" / name)
+        runs, copied = ran_here(load_rows(ROOT / "logs" / "sweeps" / name))
         recorded, undisturbed = cost(runs)
         totals = [totals[0] + recorded, totals[1] + undisturbed]
         print(f"| {name} | {len(runs)} | {copied} | {recorded / 3600:.2f} | {undisturbed / 3600:.2f} |")

@@ -185,6 +185,11 @@ def seed_noise(rows: list[dict]) -> dict[tuple, dict]:
     return out
 
 
+def ranges_apart(a: dict, b: dict) -> bool:
+    """Whether two seed ranges (`min`, `max`) do not overlap: a difference beyond seed noise."""
+    return a["min"] > b["max"] or a["max"] < b["min"]
+
+
 def findings(stable: list[dict], noise: dict[tuple, dict]) -> list[dict]:
     """Per line, its best point's seed statistics and the difference from the reference optimizer's
     line under the same condition; `beyond_noise` where the two seed ranges do not overlap."""
@@ -198,7 +203,7 @@ def findings(stable: list[dict], noise: dict[tuple, dict]) -> list[dict]:
         ref = best.get((REFERENCE, condition))
         if ref is not None and optimizer != REFERENCE:
             entry["delta"] = entry["mean"] - ref["mean"]
-            entry["beyond_noise"] = entry["min"] > ref["max"] or entry["max"] < ref["min"]
+            entry["beyond_noise"] = ranges_apart(entry, ref)
         out.append(entry)
     return sorted(out, key=lambda e: (e["condition"], e["mean"]))
 
@@ -238,11 +243,16 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow([r["point"], r["optimizer"], *values, seed, *(r.get(k) for k in FIELDS)])
 
 
+def ran_here(rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows of the runs a sweep ran itself (with a wall time), and how many records it copied
+    from another sweep instead: what rerunning it costs."""
+    return [r for r in rows if not r["copied"] and r["wall_time_s"] is not None], sum(r["copied"] for r in rows)
+
+
 def compute_line(rows: list[dict]) -> str:
     """What rerunning the sweep costs: the summed wall time of the runs it ran itself (records
     copied from another sweep cost nothing to rerun)."""
-    ran = [r for r in rows if not r["copied"] and r["wall_time_s"] is not None]
-    copied = sum(r["copied"] for r in rows)
+    ran, copied = ran_here(rows)
     hours = sum(r["wall_time_s"] for r in ran) / 3600
     return (f"Compute: {len(ran)} runs ran here, {hours:.2f} h of wall time summed over them (the sweep's "
             f"own clock is that over `--jobs`); {copied} copied from another sweep's records.")
@@ -350,8 +360,7 @@ def comparison(stable: list[dict], noise: dict[tuple, dict], other: list[dict], 
             best_of_line(mine, noise), best_of_line(other_line, their_noise))
         beyond = ""
         if "mean" in my_stats and "mean" in their_stats:
-            apart = my_stats["min"] > their_stats["max"] or their_stats["min"] > my_stats["max"]
-            beyond = "yes" if apart else "no"
+            beyond = "yes" if ranges_apart(my_stats, their_stats) else "no"
         span = [f"{show(s['low'])} .. {show(s['high'])}" if "low" in s else "" for s in (mine, other_line)]
         lines.append(f"| {mine['optimizer']} | {mine['condition']} | {my_cell} | {span[0]} | {their_cell} "
                      f"| {span[1]} | {my_loss - their_loss:+.4f} | {beyond} |")
