@@ -246,6 +246,7 @@ def comparison_worker(rank: int, init_file: str, out_dir: str) -> None:
         params = train_routed(config, rank, world_size=2, sharded=True, clip=False)
         if rank == 0:
             torch.save(params, Path(out_dir) / f"fsdp_{config.stem}.pt")
+    torch.distributed.barrier()  # no rank tears down its gloo pairs while a peer still sends on them
     torch.distributed.destroy_process_group()
 
 

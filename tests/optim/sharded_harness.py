@@ -198,4 +198,5 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     assert counts == []
     if rank == 0:
         torch.save(results, Path(out_dir) / f"results-{world}.pt")
+    dist.barrier()  # no rank tears down its gloo pairs while a peer still sends on them
     dist.destroy_process_group()

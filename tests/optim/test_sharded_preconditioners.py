@@ -167,6 +167,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results[name]["loose"] = [p.full_tensor() for p in loose]
     if rank == 0:
         torch.save(results, out / "results.pt")
+    dist.barrier()  # no rank tears down its gloo pairs while a peer still sends on them
     dist.destroy_process_group()
 
 

@@ -226,6 +226,7 @@ def sharded_worker(rank: int, init_file: str, out_dir: str) -> None:
         results[name, dtype] = [p.full_tensor() for p in model.parameters()]
     if rank == 0:
         torch.save(results, Path(out_dir) / "results.pt")
+    dist.barrier()  # no rank tears down its gloo pairs while a peer still sends on them
     dist.destroy_process_group()
 
 
