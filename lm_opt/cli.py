@@ -26,9 +26,10 @@ from lm_opt.callbacks.preemption import Preemption
 from lm_opt.callbacks.progress_bar import StepProgressBar
 from lm_opt.callbacks.run_record import SUMMARY_FILE, RunRecord
 from lm_opt.callbacks.throughput import TokenThroughput
-from lm_opt.data import C4DataModule
+from lm_opt.data import C4DataModule, end_data_workers
 from lm_opt.errors import DEBUG_ENV, UserError, debug_mode, invalid_yaml
 from lm_opt.module import LMModule
+from lm_opt.precision import Trainer
 from lm_opt.schedule import resolve_max_steps
 
 # Hyperparameters that change the model's parameters: a checkpoint must agree on them.
@@ -145,6 +146,7 @@ class LMOptCLI(LightningCLI):
             args=args,
             run=run,
             parser_class=LMOptParser,
+            trainer_class=Trainer,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -190,6 +192,17 @@ class LMOptCLI(LightningCLI):
             kwargs["enable_model_summary"] = False  # Lightning would add its own, and say so
         callbacks.append(Preemption())
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as err:
+            # Lightning's on_exception may itself have failed (a callback raising there, a log folder
+            # gone): make sure the record says how the run ended, where it still can.
+            records = [c for c in self.trainer.callbacks if isinstance(c, RunRecord)]
+            for record in records:
+                record.record_failure(self.trainer, self.model, err)
+            raise
 
     def before_fit(self) -> None:
         trainer, model, data = self.trainer, self.model, self.datamodule
@@ -247,3 +260,5 @@ def main(args: list[str] | None = None) -> None:
         if rank_zero_only.rank == 0:  # every process of a multi-process run raises the same error
             print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        end_data_workers()

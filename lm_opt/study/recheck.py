@@ -10,7 +10,9 @@ where one differs by more than `tolerance` nats, 2 where the folder has no finis
 drawn point's threads are unknown (before anything runs).
 
 A rerun matches to the last digit on the machine and software that made the record; another CPU
-or torch version takes another rounding path, and training amplifies it (README, "The CPU study").
+or torch version takes another rounding path, and training amplifies it (docs/results/cpu_study.md).
+A record made on another kind of CPU (lm_opt.precision.cpu_arithmetic) is rerun with a note that
+says so; every rerun runs in the precision its record ran in.
 """
 
 import argparse
@@ -22,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lm_opt.precision import cpu_arithmetic, describe, same_kind
+from lm_opt.provenance import cpu_name
 from lm_opt.study.sweep import read_summary
 from lm_opt.study.sweep_plan import SpecError
 
@@ -45,10 +49,30 @@ def cpu_threads(point_dir: Path, default: int | None) -> int | None:
     return threads
 
 
+def kind_note(point_dir: Path) -> str | None:
+    """What to say where a CPU record was made on another kind of CPU than this one: its rerun takes
+    another rounding path (and bf16 may be emulated here)."""
+    device = (read_summary(point_dir).get("provenance") or {}).get("device") or {}
+    here = cpu_arithmetic()
+    if device.get("type", "cpu") != "cpu" or (same_kind(device.get("arithmetic"), here)
+                                              and device.get("name") == cpu_name()):
+        return None
+    made_on = f"{device.get('name')}, {describe(device.get('arithmetic'))}"
+    note = (f"{point_dir.name} was recorded on another CPU ({made_on}) than this one ({cpu_name()}, {describe(here)}): "
+            "its rerun takes another rounding path and can match only within noise, not to the last digit")
+    if "bf16" in str(device.get("precision")) and not here["bf16_native"]:
+        note += f"; it ran in {device['precision']}, which this CPU emulates, many times slower"
+    return note
+
+
 def rerun(point_dir: Path, out_dir: Path, threads: int | None = None) -> dict:
-    """The point's recorded command, its logs redirected to `out_dir`, with `threads` CPU threads;
+    """The point's recorded command, its logs redirected to `out_dir`, with `threads` CPU threads and
+    the precision its record says it ran in (`trainer.precision: auto` may resolve otherwise here);
     returns the new summary."""
     command = json.loads((point_dir / "point.json").read_text())["command"]
+    precision = ((read_summary(point_dir).get("provenance") or {}).get("device") or {}).get("precision")
+    if precision:
+        command = [*command, "--trainer.precision", precision]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     log = out_dir / f"{point_dir.name}.log"
     with open(log, "w") as output:
@@ -67,6 +91,8 @@ def recheck(sweep_dir: Path, points: int, seed: int, tolerance: float, threads: 
     rows = []
     with tempfile.TemporaryDirectory(prefix="recheck-") as tmp:
         for point_dir, point_threads in zip(chosen, chosen_threads):
+            if note := kind_note(point_dir):
+                print(f"note: {note}", flush=True)
             recorded = read_summary(point_dir)["final_val_loss"]
             again = rerun(point_dir, Path(tmp), point_threads)
             loss = again.get("final_val_loss")

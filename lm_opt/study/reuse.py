@@ -1,11 +1,12 @@
 """A sweep point that another sweep already ran takes that run's record instead of running again.
 
-A CPU run is deterministic: the same resolved config, packages, CPU model and thread count give the
-same record to the last digit (`lm_opt recheck` checks it). So a CPU point whose resolved config
+A CPU run is deterministic: the same resolved config, precision, packages, CPU model, CPU arithmetic
+and thread count give the same record to the last digit (`lm_opt recheck` checks it). So a CPU point
+whose resolved config, with the precision this machine resolves it to (`trainer.precision: auto`),
 equals a done run's in a sibling sweep folder (all but its logger and the checkpoint it resumed
-from), recorded with this interpreter's packages, this CPU and the threads the point would get, is
-done already: its folder gets a copy of that run's files (not its checkpoints) and its
-`point.json` says `copied_from`.
+from), recorded with this interpreter's packages, this CPU model and kind (lm_opt.precision.same_kind)
+and the threads the point would get, is done already: its folder gets a copy of that run's files
+(not its checkpoints) and its `point.json` says `copied_from`.
 GPU runs are not bitwise deterministic and always run.
 """
 
@@ -13,23 +14,27 @@ import json
 import shutil
 from pathlib import Path
 
+from lm_opt.precision import cpu_arithmetic, resolve, same_kind
 from lm_opt.provenance import cpu_name, package_versions
 from lm_opt.study.sweep_plan import DONE, OPTIMIZER_YAML, Point
 
 
-def run_key(config: dict) -> str:
-    """The resolved config as JSON, less its logger (where and how it logs) and the checkpoint it
+def run_key(config: dict, precision: str | None = None) -> str:
+    """The resolved config as JSON with the precision it ran in (or, for a point not yet run, the one
+    this machine resolves it to), less its logger (where and how it logs) and the checkpoint it
     resumed from (a resumed run continues bit for bit: tests/test_preemption.py)."""
     config = json.loads(json.dumps(config))
     config.pop("ckpt_path", None)
-    (config.get("trainer") or {}).pop("logger", None)
+    trainer = config.setdefault("trainer", {})
+    trainer.pop("logger", None)
+    trainer["precision"] = precision or resolve(trainer.get("precision"), trainer.get("accelerator", "auto")).precision
     return json.dumps(config, sort_keys=True)
 
 
 def done_runs(sweeps_root: Path, threads: int) -> dict[str, Path]:
-    """run_key -> folder, for each done CPU run under `sweeps_root/<sweep>/<point>` made on this CPU,
-    with these packages and `threads` threads."""
-    packages, cpu = package_versions(), cpu_name()
+    """run_key -> folder, for each done CPU run under `sweeps_root/<sweep>/<point>` made on this CPU
+    model and kind, with these packages and `threads` threads."""
+    packages, cpu, arithmetic = package_versions(), cpu_name(), cpu_arithmetic()
     runs = {}
     for summary_file in sorted(sweeps_root.glob("*/*/summary.json")):
         try:
@@ -39,8 +44,9 @@ def done_runs(sweeps_root: Path, threads: int) -> dict[str, Path]:
         provenance = summary.get("provenance") or {}
         device = provenance.get("device") or {}
         if (summary.get("status") in DONE and summary.get("config") and provenance.get("packages") == packages
-                and device.get("type") == "cpu" and device.get("name") == cpu and device.get("threads") == threads):
-            runs.setdefault(run_key(summary["config"]), summary_file.parent)
+                and device.get("type") == "cpu" and device.get("name") == cpu and device.get("threads") == threads
+                and same_kind(device.get("arithmetic"), arithmetic)):
+            runs.setdefault(run_key(summary["config"], device.get("precision")), summary_file.parent)
     return runs
 
 

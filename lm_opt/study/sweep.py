@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from lm_opt.precision import cpu_arithmetic, describe, same_kind
 from lm_opt.study.report import write_report
 from lm_opt.study.reuse import copy_record, done_runs, run_key
 from lm_opt.study.sweep_plan import DONE, OPTIMIZER_YAML, Point, SpecError, line_of, load_spec, plan, validate, with_seed
@@ -63,8 +64,9 @@ COMMAND_TEMPLATE = """#!/usr/bin/env bash
 # Point {name} of sweep {sweep} (`python -m lm_opt sweep`). Run, rerun or resume it alone:
 #   bash {script}
 # A finished or diverged point is left alone; an interrupted one resumes from last.ckpt.
+# Runs from any clone: it starts where the sweep ran, relative to this file, with $PYTHON or `python`.
 set -e
-cd {cwd}
+cd "$(dirname "${{BASH_SOURCE[0]}}")"/{cwd}
 RUN={run_dir}
 if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "({done})"' "$RUN/summary.json"; then
   echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/summary.json")"
@@ -75,7 +77,7 @@ if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
 elif [ "${{SLURM_PROCID:-0}}" = 0 ]; then  # an attempt without a checkpoint starts over (once, under srun)
   rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"
 fi
-exec {command} "${{RESUME[@]}}"
+exec "${{PYTHON:-python}}" {command} "${{RESUME[@]}}"
 """
 
 
@@ -90,8 +92,9 @@ def shell_lines(command: list[str]) -> str:
 
 
 def command_of(point: Point) -> list[str]:
-    """The point's full command, as written to its command.sh and point.json."""
-    return [sys.executable, "-m", "lm_opt", *point.fit_args()]
+    """The point's full command, as written to its command.sh and point.json: `python` is whichever
+    interpreter runs it (`$PYTHON` in command.sh, which `sweep` sets to its own)."""
+    return ["python", "-m", "lm_opt", *point.fit_args()]
 
 
 def recorded_command(run_dir: Path) -> list[str] | None:
@@ -127,8 +130,10 @@ def write_point(point: Point, sweep: str, copied_from: Path | None = None) -> Pa
     command = command_of(point)
     script = point.run_dir / "command.sh"
     script.write_text(COMMAND_TEMPLATE.format(
-        name=point.name, sweep=sweep, script=shlex.quote(str(script)), cwd=shlex.quote(os.getcwd()),
-        run_dir=shlex.quote(str(point.run_dir)), done="|".join(DONE), command=shell_lines(command)))
+        name=point.name, sweep=sweep, script=shlex.quote(str(script)),
+        cwd=shlex.quote(os.path.relpath(os.getcwd(), point.run_dir.resolve())),
+        run_dir=shlex.quote(str(point.run_dir)), done="|".join(DONE),
+        command=shell_lines(command[1:])))
     script.chmod(0o755)
     record = {"sweep": sweep, "name": point.name, "optimizer": point.optimizer, "values": point.values,
               "shared": point.shared, "command": command}
@@ -176,6 +181,7 @@ def write_slurm(points: list[Point], spec: dict) -> Path:
               f"#   python -m lm_opt report {out_dir}",
               "POINTS=("] + [f"  {shlex.quote(str(p.run_dir.resolve()))}" for p in points] + [
               ")", 'RUN=${POINTS[$SLURM_ARRAY_TASK_ID]}',
+              f'export PYTHON="${{PYTHON:-{sys.executable}}}"  # the interpreter each command.sh runs',
               "LAUNCH=(); if command -v srun >/dev/null; then LAUNCH=(srun --kill-on-bad-exit=1); fi",
               '"${LAUNCH[@]}" bash "$RUN/command.sh" >>"$RUN/fit.log" 2>&1', ""]
     (out_dir / "slurm").mkdir(parents=True, exist_ok=True)
@@ -206,7 +212,7 @@ def outcome(point: Point, returncode: int) -> str | None:
 
 def launch(point: Point, slot: str | None, env: dict) -> subprocess.Popen:
     """Start the point's command.sh, its output appended to fit.log, on GPU `slot` if any."""
-    env = dict(env, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
+    env = dict(env, PYTHON=sys.executable, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
     with open(point.run_dir / "fit.log", "ab") as log:
         return subprocess.Popen(["bash", str(point.run_dir / "command.sh")], stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
@@ -292,7 +298,7 @@ def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None
             copy_record(source, point)
             write_point(point, spec["name"], copied_from=source)
             states[point.name] = "done"
-            print(f"{point.name}: done already as {source} (same config, CPU, threads and packages); "
+            print(f"{point.name}: done already as {source} (same config, precision, CPU and its kind, threads and packages); "
                   f"its record copied", flush=True)
             if commit:
                 commit_record(point)
@@ -304,8 +310,23 @@ def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None
     return [p for p in points if states[p.name] != "done"]
 
 
+def check_one_cpu_kind(points: list[Point]) -> None:
+    """Refuse to add CPU runs to a sweep whose done runs were made on another kind of CPU
+    (lm_opt.precision.same_kind): its points are compared with one another on one arithmetic."""
+    if all(point_state(p.run_dir) == "done" for p in points):
+        return
+    here = cpu_arithmetic()
+    for point in points:
+        device = (read_summary(point.run_dir).get("provenance") or {}).get("device") or {}
+        if device.get("type") == "cpu" and point_state(point.run_dir) == "done" and not same_kind(
+                device.get("arithmetic"), here):
+            raise SpecError(f"{point.run_dir.parent} holds runs made on {describe(device.get('arithmetic'))} "
+                            f"({point.name}); this CPU is {describe(here)}. A sweep compares its points on one "
+                            "arithmetic: run the rest on a CPU of that kind, or pass --any-cpu to run them here")
+
+
 def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool = False,
-              commit: bool = False, reuse: bool = True) -> dict[str, str | None]:
+              commit: bool = False, reuse: bool = True, any_cpu: bool = False) -> dict[str, str | None]:
     """Plan, validate, then run (or write the Slurm script for) a sweep; returns point -> problem or None."""
     if jobs < 1:
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
@@ -331,6 +352,8 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
               + (f"; {len(seeds)} of them are seed repeats, the others come once the grid is done"
                  if spec["seeds"] else ""))
         return {}
+    if not gpu_slots() and not any_cpu:
+        check_one_cpu_kind(points)
     runs = done_runs(spec["out_dir"].parent, cpu_threads(jobs)) if reuse and not gpu_slots() else {}
     todo = prepare(points, spec, runs, commit)
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
@@ -360,9 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-reuse", action="store_true",
                         help="run every point, even one another sweep here already ran (lm_opt.study.reuse)")
     parser.add_argument("--dry-run", action="store_true", help="check the spec and print the points and commands")
+    parser.add_argument("--any-cpu", action="store_true",
+                        help="run points here even where the sweep's done runs were made on another kind of CPU")
     args = parser.parse_args(argv)
     try:
-        results = run_sweep(args.spec, args.jobs, args.slurm, args.dry_run, args.commit, not args.no_reuse)
+        results = run_sweep(args.spec, args.jobs, args.slurm, args.dry_run, args.commit, not args.no_reuse,
+                            args.any_cpu)
     except SpecError as err:
         print(f"lm_opt sweep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,6 +4,8 @@
 import json
 from pathlib import Path
 
+from lm_opt import precision
+from lm_opt.precision import cpu_arithmetic
 from lm_opt.provenance import cpu_name, package_versions
 from lm_opt.study import reuse
 
@@ -17,7 +19,8 @@ def write_run(root: Path, sweep_name: str, point: str, config: dict = CONFIG, st
               **device) -> Path:
     run = root / sweep_name / point
     run.mkdir(parents=True)
-    device = {"type": "cpu", "name": cpu_name(), "threads": 1} | device
+    device = {"type": "cpu", "name": cpu_name(), "threads": 1, "precision": "bf16-mixed",
+              "arithmetic": cpu_arithmetic()} | device
     (run / "summary.json").write_text(json.dumps({
         "status": status, "final_val_loss": 5.0, "config": config,
         "provenance": {"packages": package_versions(), "device": device}}))
@@ -55,3 +58,23 @@ def test_only_done_runs_of_this_cpu_threads_and_packages_are_offered(tmp_path, m
     runs = reuse.done_runs(tmp_path, threads=1)
     assert sorted(runs.values()) == [good, diverged]
     assert runs[reuse.run_key(config(1.0))] == good
+
+
+def test_a_record_made_on_another_cpu_kind_is_refused(tmp_path):
+    here = cpu_arithmetic()
+    write_run(tmp_path, "a", "other_capability", arithmetic=here | {"capability": "AVX2" if here["capability"] !=
+                                                                    "AVX2" else "AVX512"})
+    write_run(tmp_path, "a", "other_bf16", arithmetic=here | {"bf16_native": not here["bf16_native"]})
+    write_run(tmp_path, "a", "unknown_kind", arithmetic=None)
+    assert reuse.done_runs(tmp_path, threads=1) == {}
+    same = write_run(tmp_path, "b", "same_kind", arithmetic=here | {"source": "stated after the run"})
+    assert list(reuse.done_runs(tmp_path, threads=1).values()) == [same]
+
+
+def test_auto_precision_matches_the_precision_this_machine_resolves_it_to(monkeypatch):
+    auto = json.loads(json.dumps(CONFIG))
+    auto["trainer"]["precision"] = "auto"
+    for native, used in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        assert reuse.run_key(auto) == reuse.run_key(CONFIG, used) == reuse.run_key(auto, used)
+        assert reuse.run_key(auto) != reuse.run_key(CONFIG, "32-true" if native else "bf16-mixed")

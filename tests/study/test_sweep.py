@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -232,6 +233,51 @@ def test_crashed_points_are_reported_never_dropped(tmp_path):
     assert f"{points[0].name}: incomplete" in md and f"{points[1].name}: failed: RuntimeError: boom" in md
 
 
+def test_a_sweep_with_runs_from_another_cpu_kind_refuses_to_add_runs_here(tmp_path, capsys, no_launch, monkeypatch):
+    spec = write_spec(tmp_path)
+    done = sweep_plan.plan(sweep_plan.load_spec(spec))[0]
+    done.run_dir.mkdir(parents=True)
+    elsewhere = {"capability": "AVX2", "avx512_bf16": False, "amx": False, "bf16_native": False}
+    monkeypatch.setattr(sweep, "cpu_arithmetic", lambda: elsewhere | {"capability": "AVX512", "bf16_native": True})
+    (done.run_dir / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.0, "provenance": {
+        "device": {"type": "cpu", "arithmetic": elsewhere}}}))
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main([str(spec)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"holds runs made on AVX2 (bf16 emulated) ({done.name}); this CPU is AVX512 (native bf16)" in err
+    assert "--any-cpu" in err and not (done.run_dir.parent / "adamw_lr0.01").exists()
+
+
+def test_a_point_command_runs_from_any_clone_with_the_python_it_is_given(tmp_path):
+    spec = write_spec(tmp_path, out_dir="logs/sweeps/micro_portable")
+    point = sweep_plan.plan(sweep_plan.load_spec(spec))[0]
+    try:
+        sweep.write_point(point, "micro")
+        script = (point.run_dir / "command.sh").read_text()
+        assert json.loads((point.run_dir / "point.json").read_text())["command"][:3] == ["python", "-m", "lm_opt"]
+    finally:
+        shutil.rmtree("logs/sweeps/micro_portable")
+    assert str(Path.cwd()) not in script and sys.executable not in script
+    clone = tmp_path / "clone"
+    (clone / point.run_dir).mkdir(parents=True)
+    (clone / point.run_dir / "command.sh").write_text(script)
+    (clone / "bin").mkdir()
+    (clone / "bin" / "fake-python").write_text('#!/usr/bin/env bash\necho "$PWD $*"\n')
+    (clone / "bin" / "fake-python").chmod(0o755)
+    ran = subprocess.run(["bash", str(clone / point.run_dir / "command.sh")], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHON=str(clone / "bin" / "fake-python")), cwd=tmp_path, check=True)
+    assert ran.stdout.startswith(f"{clone} -m lm_opt fit --config configs/quickstart.yaml")
+
+
+def test_no_committed_record_names_an_absolute_path():
+    """A committed point's command.sh and point.json run from any clone (its header says so)."""
+    records = sorted(Path("logs").glob("**/command.sh")) + sorted(Path("logs").glob("**/point.json"))
+    assert records
+    for path in records:
+        assert not re.search(r"(^|[\s\"'=])/(work|home|tmp|root|Users)/", path.read_text()), path
+
+
 def test_slurm_tasks_run_the_same_commands_as_local_execution(tmp_path, no_launch, monkeypatch):
     spec = write_spec(tmp_path)
     sweep.main([str(spec), "--slurm"])
@@ -302,6 +348,37 @@ def test_recheck_reruns_a_point_with_the_cpu_threads_it_recorded(tmp_path, monke
     (row,) = recheck.recheck(tmp_path / "sweep", points=2, seed=0, tolerance=0.02)
     assert calls[0][0][:4] == [sys.executable, "-m", "lm_opt", "fit"] and calls[0][1] == "3"
     assert row["ok"] and row["delta"] == pytest.approx(0.01)
+
+
+def test_recheck_says_when_a_record_was_made_on_another_cpu_kind_and_keeps_its_precision(tmp_path, monkeypatch,
+                                                                                        capsys):
+    point = tmp_path / "sweep" / "adamw_lr1"
+    point.mkdir(parents=True)
+    (point / "point.json").write_text(json.dumps({"command": ["python", "-m", "lm_opt", "fit"]}))
+    made_on = {"capability": "AVX512", "avx512_bf16": True, "amx": False, "bf16_native": True}
+    (point / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.0, "provenance": {
+        "device": {"type": "cpu", "name": "AMD EPYC", "threads": 1, "precision": "bf16-mixed", "arithmetic": made_on}}}))
+    monkeypatch.setattr(recheck, "cpu_arithmetic", lambda: made_on | {"capability": "AVX2", "avx512_bf16": False,
+                                                                      "bf16_native": False})
+    commands = []
+
+    def run(command, env, **kwargs):
+        commands.append(command)
+        out = Path(command[command.index("--trainer.logger.init_args.save_dir") + 1]) / "adamw_lr1"
+        out.mkdir()
+        (out / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.0}))
+
+    monkeypatch.setattr(recheck.subprocess, "run", run)
+    recheck.main([str(tmp_path / "sweep")])
+    printed = capsys.readouterr().out
+    assert "note: adamw_lr1 was recorded on another CPU (AMD EPYC, AVX512 + AVX512-BF16 (native bf16))" in printed
+    assert "AVX2 (bf16 emulated)" in printed and "which this CPU emulates" in printed
+    assert commands[0][commands[0].index("--trainer.precision") + 1] == "bf16-mixed"
+    monkeypatch.setattr(recheck, "cpu_arithmetic", lambda: made_on)
+    monkeypatch.setattr(recheck, "cpu_name", lambda: "AMD EPYC")
+    shutil.rmtree(Path(commands[0][commands[0].index("--trainer.logger.init_args.save_dir") + 1]), ignore_errors=True)
+    recheck.main([str(tmp_path / "sweep")])
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_recheck_needs_threads_for_a_cpu_record_without_them_before_anything_runs(tmp_path, monkeypatch, capsys):

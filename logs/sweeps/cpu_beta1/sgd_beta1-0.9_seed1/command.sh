@@ -2,8 +2,9 @@
 # Point sgd_beta1-0.9_seed1 of sweep cpu_beta1 (`python -m lm_opt sweep`). Run, rerun or resume it alone:
 #   bash logs/sweeps/cpu_beta1/sgd_beta1-0.9_seed1/command.sh
 # A finished or diverged point is left alone; an interrupted one resumes from last.ckpt.
+# Runs from any clone: it starts where the sweep ran, relative to this file, with $PYTHON or `python`.
 set -e
-cd /work/study2
+cd "$(dirname "${BASH_SOURCE[0]}")"/../../..
 RUN=logs/sweeps/cpu_beta1/sgd_beta1-0.9_seed1
 if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "(finished|diverged)"' "$RUN/summary.json"; then
   echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/summary.json")"
@@ -14,7 +15,7 @@ if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
 elif [ "${SLURM_PROCID:-0}" = 0 ]; then  # an attempt without a checkpoint starts over (once, under srun)
   rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"
 fi
-exec /work/study2/.venv/bin/python -m lm_opt fit \
+exec "${PYTHON:-python}" -m lm_opt fit \
   --config configs/quickstart.yaml \
   --config logs/sweeps/cpu_beta1/sgd_beta1-0.9_seed1/optimizer.yaml \
   --data.num_workers 1 \

@@ -2,8 +2,9 @@
 # Point adamw_lr3.16e-03_precision-bf16-mixed_seed1 of sweep cpu_precision (`python -m lm_opt sweep`). Run, rerun or resume it alone:
 #   bash logs/sweeps/cpu_precision/adamw_lr3.16e-03_precision-bf16-mixed_seed1/command.sh
 # A finished or diverged point is left alone; an interrupted one resumes from last.ckpt.
+# Runs from any clone: it starts where the sweep ran, relative to this file, with $PYTHON or `python`.
 set -e
-cd /work/wt-cpuspeed
+cd "$(dirname "${BASH_SOURCE[0]}")"/../../..
 RUN=logs/sweeps/cpu_precision/adamw_lr3.16e-03_precision-bf16-mixed_seed1
 if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "(finished|diverged)"' "$RUN/summary.json"; then
   echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/summary.json")"
@@ -12,7 +13,7 @@ fi
 RESUME=()
 if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
 else rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"; fi  # an attempt without a checkpoint starts over
-exec /work/wt-cpuspeed/.venv/bin/python -m lm_opt fit \
+exec "${PYTHON:-python}" -m lm_opt fit \
   --config configs/quickstart.yaml \
   --config logs/sweeps/cpu_precision/adamw_lr3.16e-03_precision-bf16-mixed_seed1/optimizer.yaml \
   --data.num_workers 1 \
