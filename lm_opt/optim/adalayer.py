@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lm_opt.model import ROLES
 from lm_opt.optim.sharded import all_reduce_sums, is_dtensor, local, row_offset, rows_like
 from lm_opt.optim.state import (
     BaseOptimizer,
@@ -19,8 +20,6 @@ from lm_opt.optim.state import (
     state_dtype,
     use_foreach,
 )
-
-ROLES = ("embedding", "matrix", "norm", "last_layer")
 
 
 def num_blocks(shape: torch.Size, blocks: str | int) -> int:
