@@ -26,6 +26,7 @@ from lm_opt.callbacks.preemption import Preemption
 from lm_opt.callbacks.progress_bar import StepProgressBar
 from lm_opt.callbacks.run_record import SUMMARY_FILE, RunRecord
 from lm_opt.callbacks.throughput import TokenThroughput
+from lm_opt.callbacks.update_size import UpdateSizeQuantiles
 from lm_opt.data import C4DataModule, end_data_workers
 from lm_opt.errors import DEBUG_ENV, UserError, debug_mode, invalid_yaml
 from lm_opt.module import LMModule
@@ -153,6 +154,7 @@ class LMOptCLI(LightningCLI):
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(DivergenceStop, "divergence")
         parser.add_lightning_class_args(EffectiveLRQuantiles, "eff_lr")
+        parser.add_lightning_class_args(UpdateSizeQuantiles, "update_size")
         # last.ckpt is what `fit --ckpt_path last` resumes from, always under that name (a fresh run
         # never writes into a folder that holds checkpoints: check_fresh_run).
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/loss",
