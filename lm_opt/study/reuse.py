@@ -19,12 +19,18 @@ from lm_opt.provenance import cpu_name, package_versions
 from lm_opt.study.sweep_plan import DONE, OPTIMIZER_YAML, Point
 
 
+DIAGNOSTICS = ("eff_lr", "update_size")
+"""Config sections of callbacks that only read the run (lm_opt.callbacks.effective_lr, update_size)."""
+
+
 def run_key(config: dict, precision: str | None = None) -> str:
     """The resolved config as JSON with the precision it ran in (or, for a point not yet run, the one
-    this machine resolves it to), less its logger (where and how it logs) and the checkpoint it
-    resumed from (a resumed run continues bit for bit: tests/test_preemption.py)."""
+    this machine resolves it to), less its logger (where and how it logs), its diagnostics (what they
+    log; they never touch the weights) and the checkpoint it resumed from (a resumed run continues bit
+    for bit: tests/test_preemption.py)."""
     config = json.loads(json.dumps(config))
-    config.pop("ckpt_path", None)
+    for key in ("ckpt_path", *DIAGNOSTICS):
+        config.pop(key, None)
     trainer = config.setdefault("trainer", {})
     trainer.pop("logger", None)
     trainer["precision"] = precision or resolve(trainer.get("precision"), trainer.get("accelerator", "auto")).precision
