@@ -212,14 +212,11 @@ class LMOptCLI(LightningCLI):
         if data.hparams.seq_len > model.config.block_size:
             raise UserError(f"data.seq_len={data.hparams.seq_len} exceeds the model's context "
                             f"block_size={model.config.block_size}; lower data.seq_len or set model.arch.block_size")
-        optimizer_callbacks = [c for c in trainer.callbacks if isinstance(c, OptimizerCallback)]
-        if len(optimizer_callbacks) != 1:
-            raise UserError(f"trainer.callbacks must hold exactly one lm_opt.callbacks.OptimizerCallback, "
-                            f"found {len(optimizer_callbacks)} (add one, e.g. --config configs/optim/adamw.yaml)")
+        hold_steps = OptimizerCallback.of(trainer).hold_steps
         last = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
         if self.config[self.subcommand].get("ckpt_path") == "last" and last.is_file():
             check_checkpoint(last, model.hparams)
-        trainer.fit_loop.epoch_loop.max_steps = optimizer_callbacks[0].hold_steps + resolve_max_steps(
+        trainer.fit_loop.epoch_loop.max_steps = hold_steps + resolve_max_steps(
             max_steps=trainer.max_steps,
             max_tokens=model.hparams.max_tokens,
             tokens_per_param=model.hparams.tokens_per_param,

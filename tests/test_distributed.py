@@ -215,7 +215,8 @@ def shardable(config: Path) -> bool:
     """Whether every optimizer of a config updates FSDP2 shards (all but torch.optim.Muon)."""
     import yaml
 
-    from lm_opt.callbacks.optimizer import OptimizerCallback, sharding_obstacle
+    from lm_opt.callbacks.optimizer import OptimizerCallback
+    from lm_opt.optim.routing import sharding_obstacle
 
     callback = OptimizerCallback(**yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"])
     return not any(sharding_obstacle(cls) for cls in callback.classes)

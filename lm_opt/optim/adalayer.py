@@ -377,6 +377,11 @@ class Adalayer(BaseOptimizer):
             return "row"
         return fused if fused > 1 else "tensor"
 
+    def hold_steps(self) -> int:
+        """Frozen Adalayer's :math:`T` steps, which the lr schedule holds at 0 while :math:`v`
+        accumulates and which lengthen the run (:mod:`lm_opt.optim.hooks`); 0 for plain Adalayer."""
+        return max((group["freeze_after"] or 0 for group in self.param_groups), default=0)
+
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         # A parameter that skipped steps (grad None) has its own step count.
         by_step: dict[int, list[Tensor]] = {}

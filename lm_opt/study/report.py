@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from lm_opt.errors import UserError
 from lm_opt.study.sweep_plan import DONE, format_value, short_name
 from lm_opt.study.target import plot_curves, target_loss, target_section, time_to_target, validation_interval
 
@@ -75,9 +76,12 @@ def read_point(run_dir: Path) -> dict | None:
 
 def infer_point(name: str, config: dict) -> dict:
     """Optimizer class and lr of a run's first route, from the config in its summary."""
-    callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    args = next((c.get("init_args") or {} for c in callbacks
-                 if str(c.get("class_path")).endswith("OptimizerCallback")), {})
+    from lm_opt.callbacks.optimizer import optimizer_args
+
+    try:
+        args = optimizer_args(config, name)
+    except UserError:
+        args = {}
     optimizer = args.get("optimizer") or ((args.get("routes") or [{}])[0]).get("optimizer") or {}
     label = str(optimizer.get("class_path", "unknown")).rpartition(".")[2]
     lr = (optimizer.get("init_args") or {}).get("lr")

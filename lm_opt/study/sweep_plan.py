@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from lm_opt.errors import invalid_yaml
+from lm_opt.errors import UserError, invalid_yaml
 
 SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "overrides")
 OPTIMIZER_KEYS = ("config", "grid", "overrides")
@@ -243,12 +243,14 @@ def set_path(tree: Any, path: list, value: Any, where: str) -> None:
 
 
 def callback_init_args(optimizer_yaml: dict, config: str) -> dict:
-    """The init_args of the one OptimizerCallback in an optimizer YAML's trainer.callbacks."""
-    callbacks = (optimizer_yaml.get("trainer") or {}).get("callbacks") or []
-    found = [c for c in callbacks if isinstance(c, dict) and str(c.get("class_path", "")).endswith("OptimizerCallback")]
-    if len(found) != 1:
-        raise SpecError(f"{config}: needs exactly one OptimizerCallback in trainer.callbacks, found {len(found)}")
-    return found[0].setdefault("init_args", {})
+    """The init_args of the one OptimizerCallback in an optimizer YAML (or a resolved config), as
+    the mapping in it (lm_opt.callbacks.optimizer.optimizer_args)."""
+    from lm_opt.callbacks.optimizer import optimizer_args
+
+    try:
+        return optimizer_args(optimizer_yaml, config)
+    except UserError as err:
+        raise SpecError(str(err)) from None
 
 
 def cli_value(value: Any) -> str:
