@@ -26,12 +26,28 @@ from lm_opt.optim.composite import CompositeOptimizer
 WHOLE_TENSOR = {
     torch.optim.Muon: "its Newton-Schulz orthogonalization needs the whole matrix and it updates parameters "
     "in place; lm_opt.optim.Muon computes the same update on shards",
+    torch.optim.Adafactor: "its row and column statistics span the whole matrix; lm_opt.optim.Adafactor computes "
+    "them on shards",
 }
+ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
+               torch.optim.Adamax, torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.RMSprop, torch.optim.Rprop,
+               torch.optim.ASGD)
+"""torch's optimizers that update each entry from that entry's gradient and state alone: on a
+parameter shard they compute exactly their update of the whole tensor's entries."""
 
 
-def sharding_obstacle(cls: type) -> str | None:
-    """Why `cls` cannot update FSDP's parameter shards exactly, or None if it can."""
-    return WHOLE_TENSOR.get(cls)
+def sharding_obstacle(cls: type, elementwise: bool = False) -> str | None:
+    """Why `cls` cannot be shown to update FSDP's parameter shards exactly, or None if it can: lm_opt's
+    own optimizers (each elementwise or declaring its `sharding_scheme`), torch's elementwise ones, and
+    a class a route declares `elementwise`."""
+    if cls in WHOLE_TENSOR:
+        return WHOLE_TENSOR[cls]
+    if elementwise or issubclass(cls, ELEMENTWISE) or cls.__module__.startswith("lm_opt."):
+        return None
+    return ("lm_opt cannot show that it updates each entry from that entry's gradient and state alone, and a "
+            "whole-tensor optimizer (a SOAP, Shampoo or Muon) on shards computes another update without a warning; "
+            "if it is elementwise, declare it with `elementwise: true` on its route (lm_opt's owner scheme for "
+            "whole-tensor optimizers cannot wrap another package's class)")
 
 
 def sharding_scheme(cls: type) -> str:
@@ -55,6 +71,9 @@ class Route:
     """Regular expression a parameter name must contain (re.search), e.g. `blocks\\.0\\.`."""
     name: str | None = None
     """Label in the routing table and the logs; defaults to the roles."""
+    elementwise: bool = False
+    """Declares that the optimizer updates each entry from that entry alone, so that it may run on
+    FSDP2's parameter shards as it is (lm_opt knows this of its own and of torch's optimizers)."""
 
     def __post_init__(self):
         unknown = set(self.roles or []) - set(ROLES)
@@ -130,12 +149,24 @@ def optimizer_class(class_path: str) -> type:
     try:
         return getattr(__import__(module, fromlist=[name]), name)
     except (ImportError, AttributeError) as err:
-        raise UserError(f"optimizer class_path {class_path!r} cannot be imported: {err}") from err
+        raise UserError(f"class_path {class_path!r} cannot be imported: {err}") from err
 
 
 def instantiate(params: Any, optimizer: dict[str, Any]) -> torch.optim.Optimizer:
     """The optimizer `{class_path, init_args}` over `params` (parameters or param groups)."""
-    return optimizer_class(optimizer["class_path"])(params, **optimizer.get("init_args", {}))
+    return optimizer_class(optimizer["class_path"])(params, **nested_objects(optimizer.get("init_args", {})))
+
+
+def nested_objects(value: Any) -> Any:
+    """`value` with every `{class_path, init_args}` inside it made into its object (a grafting config,
+    a preconditioner's settings), as jsonargparse makes the optimizer itself."""
+    if isinstance(value, dict) and "class_path" in value and set(value) <= {"class_path", "init_args"}:
+        return optimizer_class(value["class_path"])(**nested_objects(value.get("init_args") or {}))
+    if isinstance(value, dict):
+        return {key: nested_objects(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(nested_objects(v) for v in value)
+    return value
 
 
 def check_hyperparameters(route: Route, cls: type) -> torch.optim.Optimizer:
@@ -182,9 +213,9 @@ class Routing:
         """
         lines = []
         for route, cls in zip(self.routes, self.classes):
-            if reason := sharding_obstacle(cls):
+            if reason := sharding_obstacle(cls, route.elementwise):
                 raise UserError(f"route {route.name!r}: {cls.__name__} cannot run under {strategy}, which shards "
-                                f"parameters: {reason}; use strategy: ddp, or an lm_opt.optim optimizer")
+                                f"parameters: {reason}; or use strategy: ddp, or an lm_opt.optim optimizer")
             lines.append(f"route {route.name!r}: {cls.__name__} on parameter shards: {sharding_scheme(cls)}")
         return lines
 
