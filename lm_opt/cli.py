@@ -1,6 +1,5 @@
 """`python -m lm_opt`: the Lightning CLI over LMModule and C4DataModule."""
 
-import json
 import logging
 import os
 import sys
@@ -24,13 +23,14 @@ from lm_opt.callbacks.optimizer import OptimizerCallback
 from lm_opt.callbacks.model_summary import ParameterSummary
 from lm_opt.callbacks.preemption import Preemption
 from lm_opt.callbacks.progress_bar import StepProgressBar
-from lm_opt.callbacks.run_record import SUMMARY_FILE, RunRecord
+from lm_opt.callbacks.run_record import RunRecord
 from lm_opt.callbacks.throughput import TokenThroughput
 from lm_opt.callbacks.update_size import UpdateSizeQuantiles
 from lm_opt.data import C4DataModule, end_data_workers
 from lm_opt.errors import DEBUG_ENV, UserError, debug_mode, invalid_yaml
 from lm_opt.module import LMModule
 from lm_opt.precision import Trainer
+from lm_opt.record import SUMMARY_FILE, read_summary, summary_path
 from lm_opt.schedule import resolve_max_steps
 
 # Hyperparameters that change the model's parameters: a checkpoint must agree on them.
@@ -95,12 +95,8 @@ def existing_run(log_dir: Path) -> list[str]:
     steps, a summary with steps."""
     found = sorted((log_dir / "checkpoints").glob("*.ckpt")) + [
         p for p in sorted(log_dir.glob("events.out.tfevents.*")) if trained(p)]
-    summary = log_dir / SUMMARY_FILE
-    try:
-        if json.loads(summary.read_text()).get("steps"):
-            found.append(summary)
-    except (OSError, ValueError):
-        pass
+    if read_summary(log_dir).steps:
+        found.append(summary_path(log_dir))
     return [str(p.relative_to(log_dir)) for p in found]
 
 
@@ -251,8 +247,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         LMOptCLI(args=args)
     except Diverged as err:
-        # A diverged run is a result of a sweep, not a crash: summary.json records it.
-        print(f"run diverged: {err}; recorded as status 'diverged' in summary.json")
+        # A diverged run is a result of a sweep, not a crash: its summary records it.
+        print(f"run diverged: {err}; recorded as status 'diverged' in {SUMMARY_FILE}")
     except (UserError, MisconfigurationException) as err:
         if debug_mode():
             raise

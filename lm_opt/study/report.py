@@ -1,9 +1,9 @@
 """`python -m lm_opt report SWEEP_DIR [--margin 0.05] [--target adamw ...] [--compare SWEEP_DIR ...]`: a
 sweep's table, plots, stability and steps to target losses.
 
-Reads the point folders alone: each one's `point.json` (optimizer and swept values, written by
-`sweep`) and `summary.json` (written by the run). A folder with only a `summary.json` (a run
-made by hand) counts as a point of its first optimizer's class at its lr. Writes `results.csv`,
+Reads the point folders alone (lm_opt.record): each one's point record (optimizer and swept
+values, written by `sweep`) and its run's summary. A folder with a summary alone (a run made by
+hand) counts as a point of its first optimizer's class at its lr. Writes `results.csv`,
 `results.md` and one `plot_<axis>.png` per swept axis: final validation loss against the
 swept value, one line per optimizer and per value of the other axes (e.g. qk_norm), the best
 point of each line a star, diverged points an x at the top of the axes.
@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from lm_opt.errors import UserError
+from lm_opt.record import (LOG_FILE, POINT_FILE, RESULTS_CSV, RESULTS_MD, SUMMARY_FILE, PointRecord, launched,
+                           read_baseline, read_config, read_point, read_summary, write_baseline)
 from lm_opt.study.sweep_plan import DONE, format_value, short_name
 from lm_opt.study.target import plot_curves, target_loss, target_section, time_to_target, validation_interval
 
-BASELINE = "baseline.json"
 REFERENCE = "adamw"
 """The optimizer every other is compared with, where the sweep has it."""
 FIELDS = ("final_val_loss", "best_val_loss", "status", "steps", "max_steps", "tokens", "wall_time_s", "step_time_s",
@@ -53,28 +54,24 @@ def show(value: Any) -> str:
     return format_value(value)
 
 
-def read_point(run_dir: Path) -> dict | None:
+def read_row(run_dir: Path) -> dict | None:
     """One row: point, optimizer, swept values and the run's summary (status `incomplete` or
     `not run` where there is none)."""
-    point_file, summary_file = run_dir / "point.json", run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    if point_file.is_file():
-        point = json.loads(point_file.read_text())
-    elif summary:
-        point = infer_point(run_dir.name, summary.get("config") or {})
-    else:
+    summary, point = read_summary(run_dir), read_point(run_dir)
+    if point is None and summary.status is None:
         return None
-    launched = (run_dir / "config.yaml").is_file() or (run_dir / "fit.log").is_file()
-    status = summary.get("status") or ("incomplete" if launched else "not run")
-    values = dict(point["values"])
-    row = {"point": point["name"], "optimizer": point["optimizer"], "seed": values.pop("seed", None),
-           "values": values, "shared": point.get("shared", []), "sweep": point.get("sweep", run_dir.parent.name),
-           "run_dir": run_dir, "copied": "copied_from" in point}
-    row.update({k: summary.get(k) for k in FIELDS + CURVE_FIELDS}, status=status)
+    if point is None:
+        point = infer_point(run_dir.name, summary.config or {})
+    status = summary.status or ("incomplete" if launched(run_dir) else "not run")
+    values = dict(point.values)
+    row = {"point": point.name, "optimizer": point.optimizer, "seed": values.pop("seed", None),
+           "values": values, "shared": point.shared, "sweep": point.sweep or run_dir.parent.name,
+           "run_dir": run_dir, "copied": point.copied_from is not None}
+    row.update({k: getattr(summary, k) for k in FIELDS + CURVE_FIELDS}, status=status)
     return row
 
 
-def infer_point(name: str, config: dict) -> dict:
+def infer_point(name: str, config: dict) -> PointRecord:
     """Optimizer class and lr of a run's first route, from the config in its summary."""
     from lm_opt.callbacks.optimizer import optimizer_args
 
@@ -85,12 +82,12 @@ def infer_point(name: str, config: dict) -> dict:
     optimizer = args.get("optimizer") or ((args.get("routes") or [{}])[0]).get("optimizer") or {}
     label = str(optimizer.get("class_path", "unknown")).rpartition(".")[2]
     lr = (optimizer.get("init_args") or {}).get("lr")
-    return {"name": name, "optimizer": label, "values": {} if lr is None else {"lr": lr}}
+    return PointRecord(name=name, optimizer=label, values={} if lr is None else {"lr": lr})
 
 
 def load_rows(sweep_dir: Path) -> list[dict]:
     """The points, ordered by optimizer, line and swept value."""
-    rows = [read_point(d) for d in sorted(Path(sweep_dir).iterdir()) if d.is_dir()]
+    rows = [read_row(d) for d in sorted(Path(sweep_dir).iterdir()) if d.is_dir()]
     rows = [r for r in rows if r is not None]
 
     def order(row: dict) -> tuple:
@@ -213,20 +210,17 @@ def findings(stable: list[dict], noise: dict[tuple, dict]) -> list[dict]:
 
 
 def baseline(sweep_dir: Path, rows: list[dict]) -> dict | None:
-    """The unigram baseline of the runs' data (cached in baseline.json); None without a run config."""
-    cached = sweep_dir / BASELINE
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    import yaml
-
-    configs = [r["run_dir"] / "config.yaml" for r in rows if (r["run_dir"] / "config.yaml").is_file()]
-    if not configs:
+    """The unigram baseline of the runs' data (cached in the sweep's folder); None without a run config."""
+    cached = read_baseline(sweep_dir)
+    if cached is not None:
+        return cached
+    config = next((c for c in map(read_config, (r["run_dir"] for r in rows)) if c is not None), None)
+    if config is None:
         return None
     from lm_opt.study.baseline import data_baseline
 
-    data = yaml.safe_load(configs[0].read_text())["data"]
-    result = {**data_baseline(data), "data": data}
-    cached.write_text(json.dumps(result, indent=1))
+    result = {**data_baseline(config["data"]), "data": config["data"]}
+    write_baseline(sweep_dir, result)
     return result
 
 
@@ -325,7 +319,7 @@ def markdown(rows: list[dict], stable: list[dict], found: list[dict], base: dict
     if problems:
         lines += ["", "## Not finished", ""] + [
             f"- {r['point']}: {r['status']}" + (f": {r['error']}" if r["error"] else "")
-            + f" (log: {r['point']}/fit.log)" for r in problems]
+            + f" (log: {r['point']}/{LOG_FILE})" for r in problems]
     lines += ["", *(compared or []), "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -452,8 +446,8 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
     sweep_dir = Path(sweep_dir)
     rows = load_rows(sweep_dir)
     if not rows:
-        raise FileNotFoundError(f"{sweep_dir} holds no point folders (point.json or summary.json)")
-    write_csv(rows, sweep_dir / "results.csv")
+        raise FileNotFoundError(f"{sweep_dir} holds no point folders ({POINT_FILE} or {SUMMARY_FILE})")
+    write_csv(rows, sweep_dir / RESULTS_CSV)
     base, noise = baseline(sweep_dir, rows), seed_noise(rows)
     unigram = base and base["unigram_val_loss"]
     others = [load_rows(Path(d)) for d in compare]
@@ -479,9 +473,9 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
         plots.append(sweep_dir / "plot_curves.png")
     per_seed = stability_per_seed(rows, margin)
     compared = [line for other in others for line in comparison(stable, noise, other, margin)]
-    (sweep_dir / "results.md").write_text(markdown(rows, stable, found, base, plots, margin, timed, per_seed, compared))
-    print(f"report: {sweep_dir / 'results.md'}, results.csv, " + ", ".join(p.name for p in plots))
-    return sweep_dir / "results.md"
+    (sweep_dir / RESULTS_MD).write_text(markdown(rows, stable, found, base, plots, margin, timed, per_seed, compared))
+    print(f"report: {sweep_dir / RESULTS_MD}, {RESULTS_CSV}, " + ", ".join(p.name for p in plots))
+    return sweep_dir / RESULTS_MD
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,13 +31,12 @@ from typing import Any
 import yaml
 
 from lm_opt.errors import UserError, invalid_yaml
+from lm_opt.record import OPTIMIZER_YAML
 
 SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "overrides")
 OPTIMIZER_KEYS = ("config", "grid", "overrides")
 OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""
-OPTIMIZER_YAML = "optimizer.yaml"
-"""A point's copy of its optimizer YAML, in its folder."""
 DONE = ("finished", "diverged")
 """Run statuses that are a result; a rerun leaves such a point alone."""
 

@@ -1,6 +1,6 @@
 """Steps to a target loss (the SOAP paper's and AlgoPerf's measure), read off validation curves.
 
-A run's `summary.json` holds its validation curve, `val_curve`: [step, loss] at each validation.
+A run's summary holds its validation curve, `val_curve`: [step, loss] at each validation.
 The steps a run needs to reach a target loss are where that curve first falls to the target,
 interpolated linearly between the two validations around the crossing: the curve is only known
 at validations, so the answer is as fine as `val_check_interval`. A run whose first validation

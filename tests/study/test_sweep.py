@@ -472,8 +472,8 @@ def test_a_point_another_sweep_ran_is_copied_and_reruns_to_its_record(micro, tmp
     point = json.loads((copied / "point.json").read_text())
     assert point["copied_from"] == str(source) and point["sweep"] == "sibling"
     assert f"{copied}/{sweep_plan.OPTIMIZER_YAML}" in point["command"] and not (copied / "checkpoints").exists()
-    again = recheck.rerun(copied, tmp_path, recheck.cpu_threads(copied, None))
-    assert again["final_val_loss"] == json.loads((source / "summary.json").read_text())["final_val_loss"]
+    again = recheck.rerun(copied, tmp_path, recheck.recorded_threads(copied, None))
+    assert again.final_val_loss == json.loads((source / "summary.json").read_text())["final_val_loss"]
 
     launched.clear()
     spec.update(name="forced", out_dir=str(micro["out"].parent / "forced"))
