@@ -167,7 +167,7 @@ def short_name(key: str) -> str:
     return parts[-2] + parts[-1] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
-def axes_of(grid: dict) -> list[Axis]:
+def grid_axes(grid: dict) -> list[Axis]:
     """A checked grid's axes; a paired axis keeps the grid's own key as its name."""
     return [Axis(key, values, None) if isinstance(values[0], dict) else Axis(short_name(key), values, key)
             for key, values in grid.items()]
@@ -260,9 +260,9 @@ def cli_value(value: Any) -> str:
 
 def plan(spec: dict) -> list[Point]:
     """Every point of the sweep, in order: optimizers, then the shared grid, then each optimizer's grid."""
-    points, shared = [], axes_of(spec["grid"])
+    points, shared = [], grid_axes(spec["grid"])
     for label, entry in spec["optimizers"].items():
-        axes = axes_of(entry["grid"]) + shared
+        axes = grid_axes(entry["grid"]) + shared
         short = [a.name for a in axes]  # two keys that shorten alike keep their full names
         names = [a.key if a.key and short.count(a.name) > 1 else a.name for a in axes]
         source = yaml.safe_load(Path(entry["config"]).read_text())
