@@ -2,7 +2,7 @@
 through the CPU study's protocol, and its card beside the study's optimizers.
 
 The card's folder `out/<name>/` is a sweep folder (`sweep`'s point folders, with their
-`command.sh` and `point.json`, so that `recheck` works on them and a rerun resumes and skips done
+`command.sh` and point record, so that `recheck` works on them and a rerun resumes and skips done
 points) holding the lr grid, its grid seeds, the seeds at the best lr and the beta1 line, plus
 `card.md`, `results.csv` and the figures. The protocol and its rules are in
 lm_opt.study.card_plan; the writing in lm_opt.study.card_write.

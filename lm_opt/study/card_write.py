@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from lm_opt.precision import cpu_arithmetic, describe
+from lm_opt.record import SUMMARY_FILE
 from lm_opt.study.card_plan import loss_at, loss_verdict, stability_verdict
 from lm_opt.study.plots import plot
 from lm_opt.study.report import baseline
@@ -242,7 +243,7 @@ def cost_rows(mine: dict, theirs: dict, timing: dict | None) -> list[str]:
     state = [r.optimizer_state_bytes / r.parameters for line in (mine, theirs.get("lr") or {})
              for r in line.get("runs", [])[:1] if r.optimizer_state_bytes is not None and r.parameters]
     if len(state) == 2:
-        rows.append(f"| optimizer state (bytes per parameter, summary.json) | {state[0]:.2f} | {state[1]:.2f} "
+        rows.append(f"| optimizer state (bytes per parameter, {SUMMARY_FILE}) | {state[0]:.2f} | {state[1]:.2f} "
                     f"| {theirs['lr']['source']} | {state[0] / state[1]:.2f} x AdamW's |")
     return rows
 
