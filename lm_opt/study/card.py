@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from lm_opt.precision import cpu_arithmetic, resolve
-from lm_opt.study.card_plan import Protocol, baseline_usable, extension, lr_value
+from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, Protocol, baseline_usable, extension, lr_value
 from lm_opt.record import read_summary
 from lm_opt.study.reuse import done_runs
 from lm_opt.study.sweep import check_one_cpu_kind, execute, prepare, seed_points, threads_per_job
@@ -32,8 +32,6 @@ from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, get_p
 
 COMMITTED = Path("logs/sweeps")
 BASELINE_SWEEPS = ("cpu_lr", "cpu_beta1", "soap_cpu")
-ADAMW_YAML = "configs/optim/adamw.yaml"
-REFERENCE = "adamw"
 
 
 def spec_of(name: str, out_dir: Path, protocol: Protocol, label: str, config: str, grid: dict,
@@ -80,6 +78,11 @@ class Card:
         self.baseline_grid = baseline_grid
         self.resolved: dict[str, dict] = {}
         self.precision = resolve(requested_precision(protocol), "cpu").precision
+
+    @property
+    def committed(self) -> Path:
+        """Where the study's committed sweeps are, the baselines' source."""
+        return COMMITTED
 
     def checked(self, points: list[Point]) -> list[Point]:
         """The points, each one's whole `fit` command parsed (sweep_plan.validate) once."""

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from lm_opt.precision import describe, same_kind
 from lm_opt.study.sweep_plan import DONE
 
+ADAMW_YAML = "configs/optim/adamw.yaml"
+REFERENCE = "adamw"
+"""The setup every card is compared with, as the study compares with Adam."""
+
 STUDY_BETA1 = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 """cpu_beta1's values (the study's)."""
 ADAMW_BEST_LR = 5.62e-3

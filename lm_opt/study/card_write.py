@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lm_opt.precision import cpu_arithmetic, describe
 from lm_opt.record import SUMMARY_FILE
-from lm_opt.study.card_plan import loss_at, loss_verdict, stability_verdict
+from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, loss_at, loss_verdict, stability_verdict
 from lm_opt.study.plots import plot
 from lm_opt.study.report import baseline
 from lm_opt.study.rows import labelled, load_rows, show
@@ -165,20 +165,18 @@ def figures(card, mine: list[dict], theirs: dict, goals: list[float], unigram: f
 def baseline_lines(card, ran: dict) -> dict:
     """The baselines' lines that may be compared here: the committed sweeps' where they are of this
     CPU kind and precision, else the card's rerun of AdamW."""
-    from lm_opt.study.card import COMMITTED, REFERENCE
-
     margin, usable, out = card.protocol.margin, ran["usable"], {"curves": []}
     if usable["cpu_lr"][0]:
-        rows = load_rows(COMMITTED / "cpu_lr")
+        rows = load_rows(card.committed / "cpu_lr")
         out.update(lr=line_stats(rows, REFERENCE, margin, "cpu_lr"), lr_rows=rows)
     else:
         rows = load_rows(card.dir / "baselines")
         out.update(lr=line_stats(rows, REFERENCE, margin, "rerun here"), lr_rows=rows)
     if usable["cpu_beta1"][0]:
-        rows = load_rows(COMMITTED / "cpu_beta1")
+        rows = load_rows(card.committed / "cpu_beta1")
         out.update(beta1=line_stats(rows, REFERENCE, margin, "cpu_beta1"), beta1_rows=rows)
     if usable["soap_cpu"][0]:
-        rows = load_rows(COMMITTED / "soap_cpu")
+        rows = load_rows(card.committed / "soap_cpu")
         out["steps"] = line_stats(rows, REFERENCE, margin, "soap_cpu")
         out["curves"] = [line_stats(rows, label, margin, "soap_cpu") for label in (REFERENCE, "soap", "muon")]
     else:
@@ -261,8 +259,6 @@ def runs_table(rows: list[dict]) -> list[str]:
 
 
 def protocol_lines(card, rows: list[dict], usable: dict, elapsed: float) -> list[str]:
-    from lm_opt.study.card import ADAMW_YAML
-
     p = card.protocol
     overrides = ", ".join(f"{k} {v}" for k, v in p.overrides.items())
     lrs = sorted({r.values["lr"] for r in rows if r.optimizer == card.name})

@@ -189,7 +189,9 @@ def test_bad_input_fails_before_any_compute_with_one_error_line(tmp_path, conten
 
 @pytest.mark.slow
 def test_a_micro_card_runs_end_to_end_and_resumes_without_rerunning(tmp_path, embedded_corpus, monkeypatch, capsys):
-    protocol = Protocol(overrides=dict(TINY), half_width=1, max_extend=1, beta1=[0.5, 0.9], beta1_seeds=[],
+    # The fewest runs that exercise every part for real (the grid's growth, grid seeds and beta1's
+    # seeds are tested on fake records above): 3 grid points, a seed, one beta1, AdamW's rerun.
+    protocol = Protocol(overrides=dict(TINY), half_width=1, max_extend=0, grid_seeds=[], beta1=[0.5], beta1_seeds=[],
                         timing_steps=2, timing_warmup=1, timing_rounds=1)
     result = card.run_card("configs/optim/adamw.yaml", "micro", tmp_path, protocol=protocol)
     folder = tmp_path / "micro"
