@@ -15,16 +15,14 @@ engine). Each throughput is printed as a fraction of the matmul rate of its prec
 import argparse
 import platform
 import statistics
-import time
 from collections import defaultdict
 
-import lightning as L
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.gpu_throughput import RandomTokens
 from lm_opt.callbacks import OptimizerCallback
 from lm_opt.module import LMModule
+from lm_opt.precision import matmul_rate
+from lm_opt.study.step_time import StepWindow, train_steps
 
 ADAMW = {"class_path": "torch.optim.AdamW",
          "init_args": {"lr": 3.16e-3, "betas": [0.9, 0.95], "eps": 1e-15, "weight_decay": 0.0, "fused": True}}
@@ -56,58 +54,16 @@ def matmul_shapes(module: LMModule, tokens: int) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def matmul_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, seconds: float) -> float:
-    """FLOP/s of all `shapes` done in turn, repeated for `seconds` (after one untimed pass)."""
-    pairs = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
-    flops = sum(2 * m * k * n for m, k, n in shapes)
-    for a, b in pairs:
-        a @ b
-    start, passes = time.perf_counter(), 0
-    while passes == 0 or time.perf_counter() - start < seconds:
-        for a, b in pairs:
-            a @ b
-        passes += 1
-    return flops * passes / (time.perf_counter() - start)
-
-
-class StepWindow(L.Callback):
-    """Times steps `skip` to the end; with `profile_steps`, profiles that many steps from `skip`."""
-
-    def __init__(self, skip: int, profile_steps: int = 0):
-        self.skip, self.profile_steps = skip, profile_steps
-        self.start = self.end = self.profiler = None
-
-    def on_train_batch_start(self, trainer, *_):
-        if trainer.global_step == self.skip:
-            if self.profile_steps:
-                self.profiler = profile(activities=[ProfilerActivity.CPU])
-                self.profiler.__enter__()
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, *_):
-        if self.start is not None and trainer.global_step == self.skip + (self.profile_steps or 10**9):
-            self.end = time.perf_counter()
-            self.profiler.__exit__(None, None, None)
-        elif self.profiler is None:
-            self.end = time.perf_counter()
-
-
-def fit(setting: str, args: argparse.Namespace, steps: int, profile_steps: int = 0,
-        optimizer: OptimizerCallback | None = None) -> tuple[LMModule, StepWindow]:
-    """`warmup + steps` training steps of the preset on random tokens (fused AdamW unless `optimizer`)."""
+def fit(setting: str, args: argparse.Namespace, steps: int, profile_steps: int = 0) -> StepWindow:
+    """`warmup + steps` training steps of the preset on random tokens with fused AdamW, forward and
+    backward marked for the profile."""
     precision, _, compiled = setting.partition("+")
     torch.manual_seed(0)
     module = LMModule(preset=args.preset, compile=bool(compiled))
     module.training_step = marked(module.training_step, MARKS[0])
     module.backward = marked(module.backward, MARKS[1])
-    window = StepWindow(args.warmup, profile_steps)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision=precision, max_steps=args.warmup + steps, gradient_clip_val=1.0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[optimizer or OptimizerCallback(optimizer=ADAMW), window])
-    data = RandomTokens(module.config.vocab_size, args.batch_size, args.seq_len, args.warmup + steps)
-    trainer.fit(module, datamodule=data)
-    return module, window
+    return train_steps(module, precision, OptimizerCallback(optimizer=ADAMW), args.batch_size, args.seq_len,
+                       args.warmup, steps, profile_steps)
 
 
 def category(event) -> str:
@@ -141,7 +97,7 @@ def breakdown(setting: str, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per step by category, from a profile of `--profile_steps` steps."""
     if "compile" in setting:
         torch._inductor.config.cpp.enable_kernel_profile = True  # named fused kernels in the profile
-    _, window = fit(setting, args, args.profile_steps, profile_steps=args.profile_steps)
+    window = fit(setting, args, args.profile_steps, profile_steps=args.profile_steps)
     seconds: dict[str, float] = defaultdict(float)
     for event in window.profiler.events():
         seconds[category(event)] += event.self_cpu_time_total / 1e6
@@ -175,8 +131,7 @@ def main() -> None:
         for dtype in list(rates)[:: 1 if round_ % 2 == 0 else -1]:
             rates[dtype].append(matmul_rate(shapes, dtype, args.matmul_seconds))
         for setting in args.settings[:: 1 if round_ % 2 == 0 else -1]:
-            _, window = fit(setting, args, args.steps)
-            speed[setting].append(args.steps * tokens / (window.end - window.start))
+            speed[setting].append(tokens / fit(setting, args, args.steps).seconds_per_step)
     rate = {dtype: statistics.median(r) for dtype, r in rates.items()}
     print(f"{args.preset} preset, batch {args.batch_size} x {args.seq_len}, {args.threads} threads, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}; "

@@ -22,12 +22,12 @@ import lightning as L
 import torch
 import yaml
 from lightning.fabric.utilities.throughput import get_available_flops
-from torch.utils.data import DataLoader
 
 from lm_opt.callbacks import OptimizerCallback
 from lm_opt.callbacks.optimizer import optimizer_args
 from lm_opt.callbacks.throughput import dense_peak_flops
 from lm_opt.module import LMModule
+from lm_opt.study.step_time import RandomTokens
 
 OPTIM_CONFIGS = Path(__file__).parents[1] / "configs" / "optim"
 OPTIMIZERS = sorted(p.stem for p in OPTIM_CONFIGS.glob("*.yaml"))
@@ -37,23 +37,6 @@ def optimizer_init_args(config: Path) -> dict:
     """The OptimizerCallback's init_args in an optimizer YAML (`configs/optim/*.yaml`): what
     `fit --config` would train with."""
     return optimizer_args(yaml.safe_load(config.read_text()), str(config))
-
-
-class RandomTokens(L.LightningDataModule):
-    """Fixed-size batches of random token ids, already in memory."""
-
-    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, batches: int):
-        super().__init__()
-        self.save_hyperparameters()
-        generator = torch.Generator().manual_seed(0)
-        self.data = [{"input_ids": torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)}
-                     for _ in range(batches)]
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=None, pin_memory=torch.cuda.is_available())
-
-    def tokens_per_step(self, trainer: L.Trainer) -> int:
-        return self.hparams.batch_size * self.hparams.seq_len * trainer.world_size * trainer.accumulate_grad_batches
 
 
 class StepTimer(L.Callback):

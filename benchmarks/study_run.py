@@ -38,15 +38,15 @@ def worktree(ref: str, stack: ExitStack) -> Path:
     return path
 
 
-def command(setting: str, steps: int, out: Path) -> list[str]:
+def command(setting: str, steps: int, preset: str, out: Path) -> list[str]:
     precision, _, compiled = setting.partition("+")
     return [sys.executable, "-m", "lm_opt", "fit", "--config", "configs/quickstart.yaml", *STUDY_OVERRIDES,
-            "--trainer.max_steps", str(steps), "--trainer.precision", precision,
+            "--model.preset", preset, "--trainer.max_steps", str(steps), "--trainer.precision", precision,
             *(["--model.compile", "true"] if compiled else []),
             "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "run"]
 
 
-def run_once(code: Path, setting: str, steps: int, threads: int) -> dict[str, float]:
+def run_once(code: Path, setting: str, steps: int, preset: str, threads: int) -> dict[str, float]:
     """Wall seconds, CPU seconds (user + sys of the run and its workers), final val loss, and where
     the wall clock went: start-up (imports, config parsing, model init: until the run record's
     clock starts in setup), the training steps (steps x the median step time, where the record
@@ -55,7 +55,7 @@ def run_once(code: Path, setting: str, steps: int, threads: int) -> dict[str, fl
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        result = subprocess.run(command(setting, steps, Path(out)), cwd=code, env=env, capture_output=True, text=True)
+        result = subprocess.run(command(setting, steps, preset, Path(out)), cwd=code, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="as each run of a CPU sweep with --jobs 2")
+    parser.add_argument("--preset", default="cpu", help="the study's model; `tiny` for a smoke run")
     args = parser.parse_args()
     with ExitStack() as stack:
         code = {}
@@ -84,12 +85,13 @@ def main() -> None:
         measured: dict[str, list[dict[str, float]]] = {run: [] for run in args.runs}
         for round_ in range(args.rounds):
             for run in args.runs[:: 1 if round_ % 2 == 0 else -1]:
-                measured[run].append(run_once(code[run], run.rpartition(":")[2], args.steps, args.threads))
+                measured[run].append(run_once(code[run], run.rpartition(":")[2], args.steps, args.preset,
+                                              args.threads))
                 print(f"round {round_ + 1}: {run}: {measured[run][-1]}", file=sys.stderr, flush=True)
     median = {run: {key: statistics.median(m[key] for m in runs) for key in ("wall", "cpu", "startup", "steps", "rest")}
               for run, runs in measured.items()}
     first = median[args.runs[0]]
-    print(f"CPU study run ({args.steps} steps, start to {SUMMARY_FILE}), {args.threads} thread(s), "
+    print(f"CPU study run ({args.preset} preset, {args.steps} steps, start to {SUMMARY_FILE}), {args.threads} thread(s), "
           f"{cpu_name()}, load average {os.getloadavg()[0]:.1f} at the end; medians of {args.rounds} alternating rounds\n")
     print("| run | wall s | CPU s | final val loss | speed-up: wall | speed-up: CPU |\n| --- | --- | --- | --- | --- | --- |")
     for run, runs in measured.items():

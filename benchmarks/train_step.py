@@ -1,6 +1,6 @@
 """Whole training steps with each optimizer config, side by side: wall clock per step against AdamW's.
 
-The real LightningModule on random tokens (benchmarks.cpu_train's loop), one optimizer config of
+The real LightningModule on random tokens (lm_opt.study.step_time), one optimizer config of
 `configs/optim/` at a time, in alternating rounds; each round times `steps` steps after `warmup`.
 SOAP's and Shampoo's refreshes come every `precondition_frequency` steps, so `steps` should be a
 multiple of it (20 by default: two refreshes a round). `--max_precond_dim` sets SOAP's and
@@ -11,14 +11,14 @@ Shampoo's, as the CPU study's soap_cpu sweep does (1024: the vocabulary axis unr
 """
 
 import argparse
-import statistics
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from benchmarks.cpu_train import fit
 from benchmarks.gpu_throughput import optimizer_init_args
 from lm_opt.callbacks import OptimizerCallback
+from lm_opt.study.step_time import medians, side_by_side
 
 KRONECKER = ("lm_opt.optim.SOAP", "lm_opt.optim.Shampoo")
 
@@ -47,12 +47,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    seconds: dict[Path, list[float]] = {c: [] for c in args.configs}
-    for round_ in range(args.rounds):
-        for config in args.configs[:: 1 if round_ % 2 == 0 else -1]:  # a shared CPU's speed drifts
-            _, window = fit(args.precision, args, args.steps, optimizer=callback(config, args.max_precond_dim))
-            seconds[config].append((window.end - window.start) / args.steps)
-    step = {c: statistics.median(s) for c, s in seconds.items()}
+    setups = {config: partial(callback, config, args.max_precond_dim) for config in args.configs}
+    seconds = side_by_side(setups, args.preset, args.precision, args.batch_size, args.seq_len, args.steps,
+                           args.warmup, args.rounds)
+    step = medians(seconds)
     reference = args.configs[0]
     print(f"{args.preset} preset, batch {args.batch_size} x {args.seq_len}, {args.precision}, {args.threads} threads, "
           f"max_precond_dim {args.max_precond_dim}, torch {torch.__version__}; median of {args.rounds} alternating "

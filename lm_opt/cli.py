@@ -208,7 +208,9 @@ class LMOptCLI(LightningCLI):
         if data.hparams.seq_len > model.config.block_size:
             raise UserError(f"data.seq_len={data.hparams.seq_len} exceeds the model's context "
                             f"block_size={model.config.block_size}; lower data.seq_len or set model.arch.block_size")
-        hold_steps = OptimizerCallback.of(trainer).hold_steps
+        optimizer = OptimizerCallback.of(trainer)
+        optimizer.on_shards(trainer)  # refused here, before Lightning starts the other ranks
+        hold_steps = optimizer.hold_steps
         last = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
         if self.config[self.subcommand].get("ckpt_path") == "last" and last.is_file():
             check_checkpoint(last, model.hparams)

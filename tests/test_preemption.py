@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cli_helpers import fit, scalars, summary, tiny_args
+from test_distributed import EVERY_SCHEME
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -115,14 +116,22 @@ FSDP2 = ("--config", "configs/fsdp.yaml", "--trainer.devices", "2", "--trainer.a
          "--data.batch_size", "4", "--trainer.val_check_interval", "6")
 
 
-def test_fsdp2_killed_9_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
-    """Both ranks killed at the end of step 4 (their checkpoint of step 3 gathered into one file),
-    resumed: the weights and validation loss of the uninterrupted run, within tests/test_distributed.py's
-    FSDP2 resume tolerance. About 60 s: three 2-process launches through the command line, since
-    only separate processes can be killed mid-step."""
-    whole = run_cli(*tiny_args(tmp_path, "whole", 6, *FSDP2))
+def test_fsdp2_killed_9_mid_run_resumes_every_sharding_scheme_to_the_uninterrupted_result(tmp_path):
+    """One route per sharding scheme (tests/test_distributed.py's EVERY_SCHEME: owner, block and
+    column statistics, elementwise), both ranks killed at the end of step 4 (their checkpoint of
+    step 3 gathered into one file by Lightning), resumed from the command line as a user resumes:
+    the weights and validation loss of the uninterrupted run, to rounding. About 60 s: three
+    2-process launches, since only separate processes can be killed mid-step."""
+    config = tmp_path / "every_scheme.yaml"
+    config.write_text(EVERY_SCHEME)
+    every_scheme = (*FSDP2, "--config", str(config))
+    whole = run_cli(*tiny_args(tmp_path, "whole", 6, *every_scheme))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    args = tiny_args(tmp_path, "run", 6, *FSDP2, "--checkpoint.every_n_train_steps", "1")
+    for scheme in ("route 'matrix': Muon on parameter shards: owner", "route 'last_layer': Adalayer on parameter "
+                   "shards: block statistics", "route 'rest': Adafactor on parameter shards: column statistics",
+                   "route 'norm': AdamW on parameter shards: elementwise"):
+        assert scheme in whole.stdout + whole.stderr
+    args = tiny_args(tmp_path, "run", 6, *every_scheme, "--checkpoint.every_n_train_steps", "1")
     killed = run_cli(*args, *signal_at(3, "SIGKILL", rank=0))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert last_step(tmp_path / "run") == 3

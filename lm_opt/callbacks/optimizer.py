@@ -59,11 +59,17 @@ class OptimizerCallback(L.Callback):
                             f"found {len(found)} (add one, e.g. --config configs/optim/adamw.yaml)")
         return found[0]
 
+    def on_shards(self, trainer: L.Trainer) -> list[str]:
+        """How each route updates parameter shards under the trainer's strategy, where it shards
+        parameters (none otherwise); a UserError for a route whose optimizer cannot."""
+        if not isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            return []
+        return self.routing.on_shards(type(trainer.strategy).__name__)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.routing.check(pl_module.model)  # fail on a bad routing before any compute
-        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-            for line in self.routing.on_shards(type(trainer.strategy).__name__):
-                rank_zero_info(line)
+        for line in self.on_shards(trainer):
+            rank_zero_info(line)
         pl_module.optimizer_factory = self.build
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -6,10 +6,14 @@ distribution (every token of the vocabulary gets half a count, so none has proba
 A language model that does not end clearly below it has learned token frequencies, not language.
 """
 
+import hashlib
+import io
+
 import numpy as np
 import torch
 
-from lm_opt.data import C4DataModule, tokenize, validation_windows
+from lm_opt.corpus import atomic_write, corpus_sha256
+from lm_opt.data import EMBEDDED, C4DataModule, tokenize, validation_windows
 
 SMOOTHING = 0.5
 
@@ -40,8 +44,27 @@ def data_baseline(data: dict) -> dict:
     dm = C4DataModule(**data)
     tokenizer = dm._load_tokenizer()
     docs = dm.load_documents()
-    counts = unigram_counts(tokenizer, (d["text"] for d in docs["train"]), len(tokenizer))
+    counts = training_counts(dm, tokenizer, docs)
     windows = validation_windows(docs["validation"], tokenizer, dm.hparams.seq_len, dm.hparams.val_sequences)
     return {"unigram_val_loss": unigram_cross_entropy(counts, windows[:, 1:]),
             "train_tokens": int(counts.sum()), "val_targets": int(windows[:, 1:].numel()),
             "vocab_size": len(tokenizer), "smoothing": SMOOTHING}
+
+
+def training_counts(dm: C4DataModule, tokenizer, docs) -> np.ndarray:
+    """unigram_counts of the training split. For the embedded corpus and tokenizer, cached beside
+    them under a hash of both (the same bytes on every machine): tokenizing the split takes
+    seconds, and every report and card asks for it."""
+    path = None
+    if dm.hparams.path == EMBEDDED and dm.hparams.tokenizer == EMBEDDED:
+        model = dm.cache_dir / f"tokenizer-{dm.hparams.embedded_vocab}" / "spiece.model"
+        key = hashlib.sha256(str(corpus_sha256(dm.cache_dir / "corpus")).encode() + model.read_bytes()).hexdigest()
+        path = dm.cache_dir / f"unigram-{key[:16]}.npy"
+        if path.is_file():
+            return np.load(path)
+    counts = unigram_counts(tokenizer, (d["text"] for d in docs["train"]), len(tokenizer))
+    if path is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, counts)
+        atomic_write(path, buffer.getvalue())
+    return counts

@@ -18,6 +18,7 @@ import json
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -211,36 +212,36 @@ def best_name(grid: list[Point]) -> str | None:
     return min(finished)[1] if finished else None
 
 
+def optimizer_callback(source: dict, label: str):
+    """A fresh OptimizerCallback of an optimizer YAML's content."""
+    from lm_opt.callbacks import OptimizerCallback
+
+    return OptimizerCallback(**callback_init_args(json.loads(json.dumps(source)), label))
+
+
 def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) -> dict:
     """Median seconds per step of AdamW and of the card's optimizer (the best point's YAML), in
     alternating rounds on the best point's preset, batch and sequence length, random tokens."""
-    import statistics
-
     import torch
 
-    from benchmarks.cpu_train import fit
-    from lm_opt.callbacks import OptimizerCallback
+    from lm_opt.study.step_time import medians, side_by_side
 
     config = best.resolved
-    args = argparse.Namespace(preset=config["model"]["preset"], batch_size=config["data"]["batch_size"],
-                              seq_len=config["data"]["seq_len"], warmup=protocol.timing_warmup)
-    setups = {REFERENCE: yaml.safe_load(Path(ADAMW_YAML).read_text()), "card": best.optimizer_yaml}
-    seconds: dict[str, list[float]] = {k: [] for k in setups}
+    yamls = {REFERENCE: yaml.safe_load(Path(ADAMW_YAML).read_text()), "card": best.optimizer_yaml}
+    setups = {label: partial(optimizer_callback, source, label) for label, source in yamls.items()}
+    shape = {"preset": config["model"]["preset"], "batch_size": config["data"]["batch_size"],
+             "seq_len": config["data"]["seq_len"]}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     print(f"timing {protocol.timing_rounds} alternating rounds of {protocol.timing_steps} steps, AdamW and the card's "
           f"optimizer, {threads} thread(s), {precision}", flush=True)
     try:
-        for round_ in range(protocol.timing_rounds):
-            for label in list(setups)[:: 1 if round_ % 2 == 0 else -1]:  # a shared CPU's speed drifts
-                callback = OptimizerCallback(**callback_init_args(json.loads(json.dumps(setups[label])), label))
-                _, window = fit(precision, args, protocol.timing_steps, optimizer=callback)
-                seconds[label].append((window.end - window.start) / protocol.timing_steps)
+        seconds = side_by_side(setups, precision=precision, steps=protocol.timing_steps,
+                               warmup=protocol.timing_warmup, rounds=protocol.timing_rounds, **shape)
     finally:
         torch.set_num_threads(previous)
-    step = {k: statistics.median(v) for k, v in seconds.items()}
-    return {"step_s": step, "rounds_s": seconds, "ratio": step["card"] / step[REFERENCE], "threads": threads,
-            "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len}
+    step = medians(seconds)
+    return {"step_s": step, "rounds_s": seconds, "ratio": step["card"] / step[REFERENCE], "threads": threads, **shape}
 
 
 def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/cards", jobs: int = 1,

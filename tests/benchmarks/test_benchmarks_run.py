@@ -20,8 +20,8 @@ SMOKE = {
     "train_step": ["--preset", "tiny", "--batch_size", "2", "--seq_len", "16", "--steps", "2", "--warmup", "1",
                    "--rounds", "1", "--max_precond_dim", "64", "--configs", "configs/optim/adamw.yaml",
                    "configs/optim/soap.yaml", "configs/optim/muon.yaml"],
-    "study_run": ["--steps", "2", "--rounds", "1", "--runs", "32-true"],
-    "sharded_step": ["--preset", "tiny", "--steps", "1", "--optimizers", "AdamW", "Adafactor", "SOAP", "Muon"],
+    "study_run": ["--steps", "2", "--rounds", "1", "--runs", "32-true", "--preset", "tiny"],
+    "sharded_step": ["--preset", "tiny", "--steps", "1", "--optimizers", "AdamW", "Adafactor", "Muon"],
 }
 
 

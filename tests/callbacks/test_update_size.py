@@ -58,22 +58,3 @@ def test_no_copies_and_no_tags_when_turned_off(tmp_path):
     fit(*tiny_args(tmp_path, "off", 2, "--eff_lr.every_n_steps", "1", "--update_size.every_n_steps", "0"))
     assert scalars(tmp_path / "off", "eff_lr/blocks.0.mlp.fc.weight/q50")
     assert not scalars(tmp_path / "off", "update_rel_norm/q50")
-
-
-@pytest.mark.slow
-def test_sharded_parameters_give_the_ratios_of_one_process(tmp_path):
-    """FSDP2 on 2 CPU processes: each rank's shard, norms summed in one all-reduce, equal one
-    process accumulating the same batches; no per-entry quantiles of sharded tensors. About 30 s."""
-    from test_distributed import FSDP2, run
-
-    every = ("--update_size.every_n_steps", "1", "--eff_lr.every_n_steps", "0")
-    run(*tiny_args(tmp_path, "fsdp", 2, *FSDP2, *every))
-    fit(*tiny_args(tmp_path, "single", 2, *every, "--data.num_workers", "2", "--trainer.accumulate_grad_batches", "2",
-                   "--trainer.val_check_interval", "4", "--trainer.precision", "32-true"))
-    name = "blocks.0.mlp.fc.weight"
-    single = scalars(tmp_path / "single", f"update/{name}/rel_norm")
-    assert list(single) == [0, 1]
-    assert scalars(tmp_path / "fsdp", f"update/{name}/rel_norm") == pytest.approx(single, rel=1e-4)
-    assert scalars(tmp_path / "fsdp", "update_rel_norm/q50") == pytest.approx(
-        scalars(tmp_path / "single", "update_rel_norm/q50"), rel=1e-4)
-    assert not scalars(tmp_path / "fsdp", f"update/{name}/q50") and scalars(tmp_path / "single", f"update/{name}/q50")

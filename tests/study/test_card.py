@@ -189,10 +189,12 @@ def test_bad_input_fails_before_any_compute_with_one_error_line(tmp_path, conten
 
 @pytest.mark.slow
 def test_a_micro_card_runs_end_to_end_and_resumes_without_rerunning(tmp_path, embedded_corpus, monkeypatch, capsys):
-    # The fewest runs that exercise every part for real (the grid's growth, grid seeds and beta1's
-    # seeds are tested on fake records above): 3 grid points, a seed, one beta1, AdamW's rerun.
-    protocol = Protocol(overrides=dict(TINY), half_width=1, max_extend=0, grid_seeds=[], beta1=[0.5], beta1_seeds=[],
+    # The fewest runs that exercise every part for real (the grid's growth, grid seeds, beta1's seeds
+    # and the baselines' rerun are tested on fake records above): one grid point, a seed, one beta1,
+    # against the committed baselines read as if this CPU had made them.
+    protocol = Protocol(overrides=dict(TINY), half_width=0, max_extend=0, grid_seeds=[], beta1=[0.5], beta1_seeds=[],
                         timing_steps=2, timing_warmup=1, timing_rounds=1)
+    monkeypatch.setattr(card.Card, "baselines", lambda self: {s: (True, "read in a test") for s in card.BASELINE_SWEEPS})
     result = card.run_card("configs/optim/adamw.yaml", "micro", tmp_path, protocol=protocol)
     folder = tmp_path / "micro"
     assert not result.problems
