@@ -16,7 +16,6 @@ too) into `out/<name>/baselines/`, and compares nothing with records of another 
 import argparse
 import json
 import re
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -28,8 +27,8 @@ from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, Protocol, baseline_usa
 from lm_opt.record import read_summary
 from lm_opt.study.reuse import done_runs
 from lm_opt.study.sweep import check_one_cpu_kind, execute, prepare, seed_points, threads_per_job
-from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, get_path, optimizer_path, plan, validate,
-                                     with_seed)
+from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, command_endings, get_path, optimizer_path,
+                                     plan, validate, with_seed)
 
 COMMITTED = Path("logs/sweeps")
 BASELINE_SWEEPS = ("cpu_lr", "cpu_beta1", "soap_cpu")
@@ -274,13 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the baselines are rerun: AdamW's whole cpu_lr grid under 2 seeds too (14 runs "
                              "more), so that the stable width is compared on this CPU kind")
     args = parser.parse_args(argv)
-    try:
+    with command_endings("card"):
         card = run_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid)
-    except SpecError as err:
-        print(f"lm_opt card: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("card interrupted; rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(130) from None
     if card.problems:
         raise SystemExit(1)

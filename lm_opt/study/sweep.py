@@ -31,7 +31,8 @@ from lm_opt.record import (COMMAND_FILE, LOG_FILE, OPTIMIZER_YAML, SPEC_FILE, SU
                            read_summary, write_point as write_point_record)
 from lm_opt.study.report import write_report
 from lm_opt.study.reuse import copy_record, done_runs, run_key
-from lm_opt.study.sweep_plan import DONE, Point, SpecError, line_of, load_spec, plan, validate, with_seed
+from lm_opt.study.sweep_plan import (DONE, Point, SpecError, command_endings, line_of, load_spec, plan, validate,
+                                     with_seed)
 
 STARTING = {"resume": " (resuming from last.ckpt)", "retry": " (again: its last attempt did not finish)"}
 """How a point's start is announced, by its `point_state`."""
@@ -374,14 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--any-cpu", action="store_true",
                         help="run points here even where the sweep's done runs were made on another kind of CPU")
     args = parser.parse_args(argv)
-    try:
+    with command_endings("sweep"):
         results = run_sweep(args.spec, args.jobs, args.slurm, args.dry_run, args.commit, not args.no_reuse,
                             args.any_cpu)
-    except SpecError as err:
-        print(f"lm_opt sweep: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("sweep interrupted; rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(130) from None
     if any(results.values()):
         raise SystemExit(1)

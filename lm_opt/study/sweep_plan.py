@@ -21,9 +21,11 @@ import copy
 import io
 import itertools
 import re
+import sys
 import tempfile
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,20 @@ DONE = ("finished", "diverged")
 
 class SpecError(ValueError):
     """A sweep spec that cannot run; raised before any point launches."""
+
+
+@contextmanager
+def command_endings(command: str) -> Iterator[None]:
+    """How `python -m lm_opt <command>` (sweep, card) ends on bad input and on Ctrl-C: one `error:`
+    line and exit status 2 (nothing ran), or a note that a rerun resumes and exit status 130."""
+    try:
+        yield
+    except SpecError as err:
+        print(f"lm_opt {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{command} interrupted; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 @dataclass
