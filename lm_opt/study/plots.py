@@ -44,45 +44,66 @@ def momentum_scale(ax, xs: list[float], axis: str) -> str:
 
 
 def plot(rows: list[Row], axis: str, path: Path, noise: dict[tuple, dict] | None = None,
-         unigram: float | None = None) -> bool:
+         unigram: float | None = None, panel: str | None = None) -> bool:
     """Final val loss against `axis` (log scale over more than a decade; a beta on the log scale of
-    1 - beta), with the seed range as error bars and the unigram baseline as a line; False if
+    1 - beta), with the seed range as error bars and the unigram baseline as a line; with `panel`
+    (a shared axis, e.g. the model's width), one panel per value of it, on one loss scale. False if
     nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.transforms import blended_transform_factory
 
     rows = [r for r in rows if x_axis(r) == axis and numeric(r.values.get(axis))
             and r.status in ("finished", "diverged") and r.seed is None]
     if not rows:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    top = blended_transform_factory(ax.transData, ax.transAxes)
+    tags = sorted({r.values.get(panel) for r in rows}, key=str) if panel else [None]
+    fig, axes = plt.subplots(1, len(tags), figsize=(7 if not panel else 4.2 * len(tags), 4.5), sharey=True,
+                             squeeze=False)
     colors = {o: f"C{i % 10}" for i, o in enumerate(dict.fromkeys(r.optimizer for r in rows))}
-    styles = {c: ("-", "--", ":", "-.")[i % 4] for i, c in enumerate(dict.fromkeys(series_key(r)[1] for r in rows))}
-    for optimizer, condition in dict.fromkeys(series_key(r) for r in rows):
-        line = sorted((r for r in rows if series_key(r) == (optimizer, condition)), key=lambda r: r.values[axis])
+    for ax, tag in zip(axes[0], tags):
+        draw_axes(ax, [r for r in rows if not panel or r.values.get(panel) == tag], axis, noise, unigram, colors,
+                  panel)
+        ax.set_title(f"{panel} {show(tag)}" if panel else
+                     f"{rows[0].sweep}\nstar = best per line, bars = seed range, x at top = diverged")
+    low, high = axes[0][0].get_ylim()  # one scale for every panel
+    axes[0][0].set_ylim(low, high + 0.08 * (high - low))  # room for the diverged marks
+    if panel:
+        fig.suptitle(f"{rows[0].sweep}: star = best per line, bars = seed range, x at top = diverged")
+    axes[0][0].set_ylabel("final validation loss")
+    if axes[0][-1].get_legend_handles_labels()[0]:  # beside the axes: over them it hides the curves
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def draw_axes(ax, rows: list[Row], axis: str, noise: dict[tuple, dict] | None, unigram: float | None,
+              colors: dict[str, str], panel: str | None) -> None:
+    """Every line of `rows` on `ax`, the baseline, the scales and the labels."""
+    from matplotlib.transforms import blended_transform_factory
+
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+
+    def condition(row: Row) -> str:  # the panel's own value goes without saying
+        return "; ".join(c for c in series_key(row)[1].split("; ") if not panel or not c.startswith(f"{panel}="))
+
+    styles = {c: ("-", "--", ":", "-.")[i % 4] for i, c in enumerate(dict.fromkeys(condition(r) for r in rows))}
+    for optimizer, shown in dict.fromkeys((r.optimizer, condition(r)) for r in rows):
+        line = sorted((r for r in rows if (r.optimizer, condition(r)) == (optimizer, shown)),
+                      key=lambda r: r.values[axis])
         if not any(r.status == "diverged" or (r.status == "finished" and r.final_val_loss is not None) for r in line):
             continue
-        stats = [v for k, v in (noise or {}).items() if k[:2] == (optimizer, condition) and "mean" in v]
-        draw_line(ax, line, axis, styles[condition], colors[optimizer],
-                  optimizer + (f" ({condition})" if condition else ""), stats, top)
+        stats = [v for k, v in (noise or {}).items() if k[:2] == series_key(line[0]) and "mean" in v]
+        draw_line(ax, line, axis, styles[shown], colors[optimizer], optimizer + (f" ({shown})" if shown else ""),
+                  stats, top)
     if unigram is not None:
         ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
-    low, high = ax.get_ylim()
-    ax.set_ylim(low, high + 0.08 * (high - low))  # room for the diverged marks
     xs, label = sorted({r.values[axis] for r in rows}), axis
     if logarithmic(xs):
         ax.set_xscale("log")
     elif "beta" in axis and all(0 <= x < 1 for x in xs):
         label = momentum_scale(ax, xs, axis)
-    ax.set(xlabel=label, ylabel="final validation loss",
-           title=f"{rows[0].sweep}\nstar = best per line, bars = seed range, x at top = diverged")
+    ax.set(xlabel=label)
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # beside the axes: over them it hides the curves
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return True

@@ -1,4 +1,4 @@
-"""`python -m lm_opt report SWEEP_DIR [--margin 0.05] [--target adamw ...] [--compare SWEEP_DIR ...]`: a
+"""`python -m lm_opt report SWEEP_DIR [--margin 0.05] [--target adamw ...] [--compare SWEEP_DIR ...] [--panel AXIS=REGEX]`: a
 sweep's table, plots, stability and steps to target losses.
 
 Reads the point folders alone (lm_opt.study.rows: each one's point record and its run's
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lm_opt.record import POINT_FILE, RESULTS_CSV, RESULTS_MD, SUMMARY_FILE, read_baseline, read_config, write_baseline
 from lm_opt.study.plots import plot
-from lm_opt.study.rows import Row, labelled, load_rows, x_axis
+from lm_opt.study.rows import Row, labelled, load_rows, panelled, x_axis
 from lm_opt.study.stats import REFERENCE, best_runs, findings, seed_noise, stability, stability_per_seed
 from lm_opt.study.sweep_plan import format_value
 from lm_opt.study.tables import comparison, markdown, write_csv
@@ -50,13 +50,15 @@ def baseline(sweep_dir: Path, rows: list[Row]) -> dict | None:
     return result
 
 
-def swept_plots(sweep_dir: Path, rows: list[Row], others: list[list[Row]], unigram: float | None) -> list[Path]:
-    """One plot per axis the rows are plotted against, with the lines of the sweeps in `others`."""
+def swept_plots(sweep_dir: Path, rows: list[Row], others: list[list[Row]], unigram: float | None,
+                panel: str | None = None) -> list[Path]:
+    """One plot per axis the rows are plotted against, with the lines of the sweeps in `others`
+    (and a panel per value of `panel`)."""
     drawn = labelled(rows + [r for other in others for r in other]) if others else rows
     plots = []
     for axis in dict.fromkeys(x_axis(r) for r in rows if x_axis(r)):
         path = sweep_dir / f"plot_{format_value(axis)}.png"
-        if plot(drawn, axis, path, seed_noise(drawn), unigram):
+        if plot(drawn, axis, path, seed_noise(drawn), unigram, panel):
             plots.append(path)
     return plots
 
@@ -77,22 +79,31 @@ def steps_to_targets(rows: list[Row], stable: list[dict], noise: dict[tuple, dic
 
 
 def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str] | None = None,
-                 compare: list[str | Path] = ()) -> Path:
+                 compare: list[str | Path] = (), panel: str | None = None) -> Path:
     """Write results.csv, results.md and the plots into `sweep_dir`; returns results.md. Each of
     `targets` (a setup's label or a loss) adds steps to that target; they default to the reference
     optimizer where the runs have validation curves. Each sweep in `compare` (the same grid under
-    another setup) adds its lines to the plots, dashed, and a table of best points against it."""
+    another setup) adds its lines to the plots, dashed, and a table of best points against it.
+    `panel` (`AXIS=REGEX`, e.g. `width=_w(\\d+)$`) reads the regex's group in each label as that
+    axis' value (lm_opt.study.rows.panelled): each value is compared within itself and drawn as a
+    panel of its own."""
     sweep_dir = Path(sweep_dir)
     rows = load_rows(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"{sweep_dir} holds no point folders ({POINT_FILE} or {SUMMARY_FILE})")
+    axis = None
+    if panel:
+        axis, _, pattern = panel.partition("=")
+        if not axis or not pattern:
+            raise ValueError(f"--panel must be AXIS=REGEX with one group, e.g. 'width=_w(\\d+)$', got {panel!r}")
+        rows = panelled(rows, axis, pattern)
     write_csv(rows, sweep_dir / RESULTS_CSV)
     base, noise = baseline(sweep_dir, rows), seed_noise(rows)
     unigram = base and base["unigram_val_loss"]
     others = [load_rows(Path(d)) for d in compare]
     if not all(others):
         raise FileNotFoundError(f"a sweep to compare with holds no point folders: {[str(d) for d in compare]}")
-    plots = swept_plots(sweep_dir, rows, others, unigram)
+    plots = swept_plots(sweep_dir, rows, others, unigram, axis)
     stable = stability(rows, margin)
     timed, goals = steps_to_targets(rows, stable, noise, targets)
     if plot_curves(best_runs(rows, stable), sweep_dir / "plot_curves.png", goals, unigram):
@@ -114,8 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", nargs="+", default=[], metavar="SWEEP_DIR",
                         help="sweeps of the same grid under another setup (e.g. the base of an ablation): their "
                              "lines join the plots, dashed, and a table compares each line's best")
+    parser.add_argument("--panel", metavar="AXIS=REGEX",
+                        help="lines whose labels carry a tag, e.g. 'width=_w(\\d+)$' for adamw_w128: each tag's "
+                             "lines compared among themselves and drawn in a panel of their own")
     args = parser.parse_args(argv)
     try:
-        write_report(args.sweep_dir, args.margin, args.target, args.compare)
+        write_report(args.sweep_dir, args.margin, args.target, args.compare, args.panel)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

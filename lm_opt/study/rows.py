@@ -8,6 +8,7 @@ line (`series_key`): one line of a plot, one row of the stability table.
 """
 
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,22 @@ def series_key(row: Row) -> tuple[str, str]:
 def labelled(rows: list[Row]) -> list[Row]:
     """Rows with their sweep as one more shared axis: each sweep's own line per optimizer in a plot."""
     return [replace(r, values={**r.values, "sweep": r.sweep}, shared=[*r.shared, "sweep"]) for r in rows]
+
+
+def panelled(rows: list[Row], axis: str, pattern: str) -> list[Row]:
+    """Rows whose optimizer label carries a panel's tag (`adamw_w128` under the pattern `_w(\\d+)$`):
+    the bare label, and the tag's value as one more shared axis `axis`, so that each panel is a
+    condition of its own (AdamW its reference in each) and a panel of the plot."""
+    out = []
+    for r in rows:
+        match = re.search(pattern, r.optimizer)
+        if match is None:
+            out.append(r)
+            continue
+        tag = match.group(1)
+        out.append(replace(r, optimizer=r.optimizer[:match.start()] + r.optimizer[match.end():],
+                           values={**r.values, axis: int(tag) if tag.isdigit() else tag}, shared=[*r.shared, axis]))
+    return out
 
 
 def ran_here(rows: list[Row]) -> tuple[list[Row], int]:
