@@ -25,6 +25,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader
 
 from lm_opt.callbacks import OptimizerCallback
+from lm_opt.callbacks.optimizer import optimizer_args
 from lm_opt.callbacks.throughput import dense_peak_flops
 from lm_opt.module import LMModule
 
@@ -35,9 +36,7 @@ OPTIMIZERS = sorted(p.stem for p in OPTIM_CONFIGS.glob("*.yaml"))
 def optimizer_init_args(config: Path) -> dict:
     """The OptimizerCallback's init_args in an optimizer YAML (`configs/optim/*.yaml`): what
     `fit --config` would train with."""
-    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
-    (args,) = [c["init_args"] for c in callbacks if c["class_path"].endswith("OptimizerCallback")]
-    return args
+    return optimizer_args(yaml.safe_load(config.read_text()), str(config))
 
 
 class RandomTokens(L.LightningDataModule):

@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lm_opt.callbacks.optimizer import Route, param_groups
 from lm_opt.model import GPT, ModelConfig
 from lm_opt.optim import (
     EMASGD, SOAP, Adafactor, Adalayer, AdamMini, Lion, Muon, ScheduleFreeAdamW, Shampoo, Signum,
 )
+from lm_opt.optim.routing import Route, param_groups
 
 FREQUENCY = 10  # precondition_frequency of SOAP and Shampoo
 REFERENCE = "AdamW (fused)"  # the row the first table's ratios divide by
@@ -47,7 +47,7 @@ def build_model(preset: str, device: str = "cpu", seed: int = 0) -> GPT:
 
 
 def routed(model: GPT, cls: type) -> list[dict]:
-    """Param groups with the block layouts the routing callback gives ``cls``."""
+    """Param groups with the block layouts routing gives ``cls``."""
     route = Route(optimizer={"class_path": f"lm_opt.optim.{cls.__name__}"})
     return param_groups(model, list(model.named_parameters()), route, cls)
 

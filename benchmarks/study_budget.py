@@ -14,19 +14,19 @@ import argparse
 import statistics
 from pathlib import Path
 
-from lm_opt.study.report import load_rows, ran_here
+from lm_opt.study.rows import Row, load_rows, ran_here
 
 ROOT = Path(__file__).parents[1]
 CPU_STUDY = ("cpu_study", "cpu_lr", "cpu_beta1", "cpu_adamw_hparams", "cpu_frozen_adalayer", "cpu_lr_no_qk_norm",
              "cpu_hybrids_1000")
 
 
-def cost(runs: list[dict]) -> tuple[float, float]:
+def cost(runs: list[Row]) -> tuple[float, float]:
     """Seconds as recorded, and undisturbed: finished runs at the sweep's 10th-percentile wall time."""
-    recorded = sum(r["wall_time_s"] for r in runs)
-    finished = sorted(r["wall_time_s"] for r in runs if r["status"] == "finished")
+    recorded = sum(r.wall_time_s for r in runs)
+    finished = sorted(r.wall_time_s for r in runs if r.status == "finished")
     quiet_run = statistics.quantiles(finished, n=10)[0] if len(finished) > 1 else sum(finished)
-    undisturbed = len(finished) * quiet_run + sum(r["wall_time_s"] for r in runs if r["status"] != "finished")
+    undisturbed = len(finished) * quiet_run + sum(r.wall_time_s for r in runs if r.status != "finished")
     return recorded, undisturbed
 
 

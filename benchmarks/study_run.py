@@ -1,4 +1,4 @@
-"""A CPU study run from start to `summary.json`, side by side: wall clock and CPU time per setting.
+"""A CPU study run from start to its summary, side by side: wall clock and CPU time per setting.
 
 Each run is the CPU study's command (`python -m lm_opt fit --config configs/quickstart.yaml` with
 the sweep's overrides: 200 steps, validation every 50, one DataLoader worker), start-up,
@@ -12,7 +12,6 @@ worktree (the baseline a speed-up is measured against); without one, this checko
 """
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -24,6 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from lm_opt.provenance import cpu_name
+from lm_opt.record import SUMMARY_FILE, read_summary
 
 ROOT = Path(__file__).parents[1]
 STUDY_OVERRIDES = ["--data.num_workers", "1", "--trainer.val_check_interval", "50",
@@ -60,12 +60,12 @@ def run_once(code: Path, setting: str, steps: int, threads: int) -> dict[str, fl
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             sys.exit(f"error: {setting} in {code} failed with exit status {result.returncode}:\n{result.stderr[-3000:]}")
-        summary = json.loads((Path(out) / "run" / "summary.json").read_text())
+        summary = read_summary(Path(out) / "run")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    step_time = summary.get("step_time_s")  # older records lack it
+    step_time = summary.step_time_s  # older records lack it
     train = steps * step_time if step_time else float("nan")
-    return {"wall": wall, "cpu": cpu, "loss": summary["final_val_loss"], "startup": wall - summary["wall_time_s"],
-            "steps": train, "rest": summary["wall_time_s"] - train}
+    return {"wall": wall, "cpu": cpu, "loss": summary.final_val_loss, "startup": wall - summary.wall_time_s,
+            "steps": train, "rest": summary.wall_time_s - train}
 
 
 def main() -> None:
@@ -89,7 +89,7 @@ def main() -> None:
     median = {run: {key: statistics.median(m[key] for m in runs) for key in ("wall", "cpu", "startup", "steps", "rest")}
               for run, runs in measured.items()}
     first = median[args.runs[0]]
-    print(f"CPU study run ({args.steps} steps, start to summary.json), {args.threads} thread(s), "
+    print(f"CPU study run ({args.steps} steps, start to {SUMMARY_FILE}), {args.threads} thread(s), "
           f"{cpu_name()}, load average {os.getloadavg()[0]:.1f} at the end; medians of {args.rounds} alternating rounds\n")
     print("| run | wall s | CPU s | final val loss | speed-up: wall | speed-up: CPU |\n| --- | --- | --- | --- | --- | --- |")
     for run, runs in measured.items():

@@ -1,5 +1,6 @@
 """`python -m lm_opt fit|validate|test ...` (the Lightning CLI), and the study's tools:
-`sweep SPEC`, `report SWEEP_DIR`, `recheck SWEEP_DIR`, `plot-eff-lr RUN_DIR`."""
+`sweep SPEC`, `report SWEEP_DIR`, `recheck SWEEP_DIR`, `plot-eff-lr RUN_DIR`,
+`card OPTIMIZER_YAML`."""
 
 import os
 import sys
@@ -9,6 +10,7 @@ TOOLS = {
     "report": "lm_opt.study.report",
     "recheck": "lm_opt.study.recheck",
     "plot-eff-lr": "lm_opt.study.plot_eff_lr",
+    "card": "lm_opt.study.card",
 }
 
 

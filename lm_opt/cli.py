@@ -1,6 +1,5 @@
 """`python -m lm_opt`: the Lightning CLI over LMModule and C4DataModule."""
 
-import json
 import logging
 import os
 import sys
@@ -24,12 +23,14 @@ from lm_opt.callbacks.optimizer import OptimizerCallback
 from lm_opt.callbacks.model_summary import ParameterSummary
 from lm_opt.callbacks.preemption import Preemption
 from lm_opt.callbacks.progress_bar import StepProgressBar
-from lm_opt.callbacks.run_record import SUMMARY_FILE, RunRecord
+from lm_opt.callbacks.run_record import RunRecord
 from lm_opt.callbacks.throughput import TokenThroughput
+from lm_opt.callbacks.update_size import UpdateSizeQuantiles
 from lm_opt.data import C4DataModule, end_data_workers
 from lm_opt.errors import DEBUG_ENV, UserError, debug_mode, invalid_yaml
 from lm_opt.module import LMModule
 from lm_opt.precision import Trainer
+from lm_opt.record import SUMMARY_FILE, read_summary, summary_path
 from lm_opt.schedule import resolve_max_steps
 
 # Hyperparameters that change the model's parameters: a checkpoint must agree on them.
@@ -94,12 +95,8 @@ def existing_run(log_dir: Path) -> list[str]:
     steps, a summary with steps."""
     found = sorted((log_dir / "checkpoints").glob("*.ckpt")) + [
         p for p in sorted(log_dir.glob("events.out.tfevents.*")) if trained(p)]
-    summary = log_dir / SUMMARY_FILE
-    try:
-        if json.loads(summary.read_text()).get("steps"):
-            found.append(summary)
-    except (OSError, ValueError):
-        pass
+    if read_summary(log_dir).steps:
+        found.append(summary_path(log_dir))
     return [str(p.relative_to(log_dir)) for p in found]
 
 
@@ -153,6 +150,7 @@ class LMOptCLI(LightningCLI):
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(DivergenceStop, "divergence")
         parser.add_lightning_class_args(EffectiveLRQuantiles, "eff_lr")
+        parser.add_lightning_class_args(UpdateSizeQuantiles, "update_size")
         # last.ckpt is what `fit --ckpt_path last` resumes from, always under that name (a fresh run
         # never writes into a folder that holds checkpoints: check_fresh_run).
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/loss",
@@ -210,14 +208,11 @@ class LMOptCLI(LightningCLI):
         if data.hparams.seq_len > model.config.block_size:
             raise UserError(f"data.seq_len={data.hparams.seq_len} exceeds the model's context "
                             f"block_size={model.config.block_size}; lower data.seq_len or set model.arch.block_size")
-        optimizer_callbacks = [c for c in trainer.callbacks if isinstance(c, OptimizerCallback)]
-        if len(optimizer_callbacks) != 1:
-            raise UserError(f"trainer.callbacks must hold exactly one lm_opt.callbacks.OptimizerCallback, "
-                            f"found {len(optimizer_callbacks)} (add one, e.g. --config configs/optim/adamw.yaml)")
+        hold_steps = OptimizerCallback.of(trainer).hold_steps
         last = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
         if self.config[self.subcommand].get("ckpt_path") == "last" and last.is_file():
             check_checkpoint(last, model.hparams)
-        trainer.fit_loop.epoch_loop.max_steps = optimizer_callbacks[0].hold_steps + resolve_max_steps(
+        trainer.fit_loop.epoch_loop.max_steps = hold_steps + resolve_max_steps(
             max_steps=trainer.max_steps,
             max_tokens=model.hparams.max_tokens,
             tokens_per_param=model.hparams.tokens_per_param,
@@ -252,8 +247,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         LMOptCLI(args=args)
     except Diverged as err:
-        # A diverged run is a result of a sweep, not a crash: summary.json records it.
-        print(f"run diverged: {err}; recorded as status 'diverged' in summary.json")
+        # A diverged run is a result of a sweep, not a crash: its summary records it.
+        print(f"run diverged: {err}; recorded as status 'diverged' in {SUMMARY_FILE}")
     except (UserError, MisconfigurationException) as err:
         if debug_mode():
             raise

@@ -1,7 +1,9 @@
 """Decoder-only transformer of the study: pre-LayerNorm, RoPE, GELU MLP, no biases, LayerNorm
 with a gain and no bias, optional QK-LayerNorm, untied output layer, OLMo's `mitchell` init, z-loss."""
 
+import functools
 import math
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import Literal
@@ -13,6 +15,13 @@ from torch.utils.checkpoint import checkpoint
 
 Role = Literal["embedding", "matrix", "norm", "last_layer"]
 ROLES: tuple[Role, ...] = ("embedding", "matrix", "norm", "last_layer")
+"""What routing selects parameters by (`routes[].roles`) and optimizers lay out blocks by."""
+Kind = Literal["embedding", "qkv", "attn_out", "mlp_in", "mlp_out", "norm", "last_layer"]
+KIND_ROLES: dict[Kind, Role] = {"embedding": "embedding", "qkv": "matrix", "attn_out": "matrix", "mlp_in": "matrix",
+                                "mlp_out": "matrix", "norm": "norm", "last_layer": "last_layer"}
+"""Each parameter kind's role: the kinds name the matrices apart, for diagnostics per kind."""
+FUSED_PROJECTIONS: dict[Kind, int] = {"qkv": 3}
+"""How many projections a weight of a kind fuses along dim 0 (Q, K and V); 1 for kinds not listed."""
 
 
 @dataclass
@@ -82,7 +91,8 @@ class ModelConfig:
         return replace(PRESETS[name], **overrides)
 
 
-# Sizes of the study (REFERENCE.md) on T5's 32100-token vocabulary. `cpu` is the CPU study's model
+# Sizes of the study (Zhao et al. 2024, "Deconstructing What Makes a Good Optimizer for Language
+# Models", arXiv:2407.07972, on OLMo's code) on T5's 32100-token vocabulary. `cpu` is the CPU study's model
 # for the embedded 8000-piece tokenizer (8100 tokens): its 4 blocks, not the embedding and the
 # output layer, do most of the work. `tiny` runs tests in seconds.
 PRESETS: dict[str, ModelConfig] = {
@@ -224,28 +234,33 @@ class GPT(nn.Module):
                 x = block(x, cos, sin)
         return self.lm_head(self.norm(x))
 
-    def param_roles(self) -> dict[str, Role]:
-        """The role of every parameter by name: the one place routing, weight-decay groups and
-        diagnostics ask, tagged by module type rather than by name patterns."""
-        roles: dict[str, Role] = {}
+    def param_kinds(self) -> dict[str, Kind]:
+        """The kind of every parameter by name, tagged by the module that holds it rather than by
+        name patterns: the one place that routing (through `param_roles`) and diagnostics ask."""
+        held_by: dict[nn.Module, Kind] = {self.wte: "embedding", self.lm_head: "last_layer"}
+        for block in self.blocks:
+            held_by.update({block.attn.qkv: "qkv", block.attn.proj: "attn_out", block.mlp.fc: "mlp_in",
+                            block.mlp.proj: "mlp_out"})
+        kinds: dict[str, Kind] = {}
         for module_name, module in self.named_modules():
             for param_name, _ in module.named_parameters(recurse=False):
                 name = f"{module_name}.{param_name}" if module_name else param_name
-                if module is self.lm_head:
-                    roles[name] = "last_layer"
-                elif isinstance(module, nn.Embedding):
-                    roles[name] = "embedding"
-                elif isinstance(module, nn.LayerNorm):
-                    roles[name] = "norm"
-                elif isinstance(module, nn.Linear):
-                    roles[name] = "matrix"
+                if isinstance(module, nn.LayerNorm):
+                    kinds[name] = "norm"
+                elif module in held_by:
+                    kinds[name] = held_by[module]
                 else:
-                    raise TypeError(f"parameter {name} of {type(module).__name__} has no role")
-        return roles
+                    raise TypeError(f"parameter {name} of {type(module).__name__} has no kind")
+        return kinds
+
+    def param_roles(self) -> dict[str, Role]:
+        """The role of every parameter by name (`KIND_ROLES` of its kind): what routing,
+        weight-decay groups and block layouts select by."""
+        return {name: KIND_ROLES[kind] for name, kind in self.param_kinds().items()}
 
     def fused_projections(self, name: str) -> int:
         """How many projections a weight fuses along dim 0 (3 for Q/K/V, else 1)."""
-        return 3 if name.endswith("attn.qkv.weight") else 1
+        return FUSED_PROJECTIONS.get(self.param_kinds()[name], 1)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -255,6 +270,23 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the matmuls plus 12 * L * d * T for attention (PaLM)."""
         c = self.config
         return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+
+_BLOCK_INDEX = re.compile(r"^blocks\.\d+\.")
+
+
+def kind_of(name: str) -> Kind | None:
+    """The kind of the parameter `name` of a GPT of any depth and options, for code that has a
+    parameter's name but no model (the effective-lr figure, read from a run's logs); None where
+    GPT has no such parameter. It is what `GPT.param_kinds` says of that parameter in block 0."""
+    return _reference_kinds().get(_BLOCK_INDEX.sub("blocks.0.", name))
+
+
+@functools.cache
+def _reference_kinds() -> dict[str, Kind]:
+    """`param_kinds` of a one-block GPT with every optional parameter, on the meta device (no memory)."""
+    with torch.device("meta"):
+        return GPT(ModelConfig.from_name("tiny", n_layer=1, qk_norm=True, norm_bias=True)).param_kinds()
 
 
 class _LMLoss(torch.autograd.Function):

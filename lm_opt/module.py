@@ -1,7 +1,8 @@
 """The LightningModule: next-token loss plus z-loss, the study's LR schedule, metrics.
 
 The module owns no particular optimizer: an optimizer callback (lm_opt.callbacks.optimizer)
-hands it a factory that builds the optimizer from the model's parameters and their roles.
+hands it a factory that builds the optimizer from the model's parameters and their roles. What else
+the optimizer needs of the schedule it says through lm_opt.optim.hooks.
 """
 
 import ctypes
@@ -17,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from lm_opt.model import GPT, ModelConfig, lm_loss
+from lm_opt.optim import hooks
 from lm_opt.parallel import shard
 from lm_opt.schedule import lr_factor
 
@@ -82,7 +84,6 @@ class LMModule(L.LightningModule):
         self.model = GPT(self.config)
         self.val_loss = MeanMetric()
         self.optimizer_factory: OptimizerFactory | None = None
-        self.schedule_hold_steps = 0
         self.loss_fn = lm_loss
         self.compiled_or_sharded = False
         self.tokens_logged_at = 0
@@ -185,7 +186,7 @@ class LMModule(L.LightningModule):
             )
         optimizer = self.optimizer_factory(self.model)
         schedule = partial(lr_factor, total_steps=self.trainer.max_steps, warmup=self.hparams.warmup,
-                           min_ratio=self.hparams.min_lr_ratio, hold_steps=self.schedule_hold_steps)
+                           min_ratio=self.hparams.min_lr_ratio, hold_steps=hooks.hold_steps([optimizer]))
         # LambdaLR scales each param group's own initial lr, so routes keep their own peaks.
         scheduler = LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

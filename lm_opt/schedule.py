@@ -8,9 +8,10 @@ from lm_opt.errors import UserError
 def lr_factor(step: int, total_steps: int, warmup: float = 0.1, min_ratio: float = 0.1, hold_steps: int = 0) -> float:
     """Multiplier of the peak lr at `step` (0-based).
 
-    After `hold_steps` steps at 0 (Frozen Adalayer's accumulation phase), a linear warmup
-    from `min_ratio` to 1 over `warmup` (a fraction of the remaining steps, or a step count
-    if >= 1), then cosine decay to `min_ratio` at the last step, as in the study.
+    After `hold_steps` steps at 0 (an optimizer's hold, lm_opt.optim.hooks: Frozen Adalayer's
+    accumulation phase), a linear warmup from `min_ratio` to 1 over `warmup` (a fraction of the
+    remaining steps, or a step count if >= 1), then cosine decay to `min_ratio` at the last step,
+    as in the study.
     """
     if step < hold_steps:
         return 0.0

@@ -130,6 +130,21 @@ def test_torch_muon_under_fsdp2_is_refused_before_training_naming_lm_opt_muon(tm
     assert not (tmp_path / "muon" / "checkpoints").exists()
 
 
+def test_another_packages_soap_under_fsdp2_is_refused_before_training_naming_the_way_out(tmp_path):
+    """pytorch_optimizer.SOAP preconditions whole matrices: on shards it would silently compute another update."""
+    config = tmp_path / "their_soap.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: lm_opt.callbacks.OptimizerCallback\n      init_args:\n"
+                      "        routes: null\n        optimizer: {class_path: pytorch_optimizer.SOAP, init_args: {lr: 3.0e-3}}\n")
+    result = subprocess.run([sys.executable, "-m", "lm_opt", *tiny_args(tmp_path, "soap", 4, *FSDP2, "--config",
+                                                                        str(config))],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "route 'all': SOAP cannot run under FSDP2Strategy" in errors[0] and "elementwise: true" in errors[0]
+    assert not (tmp_path / "soap" / "checkpoints").exists()
+
+
 def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
     fit(*tiny_args(tmp_path, "train", 2))
     ckpt = str(tmp_path / "train" / "checkpoints" / "last.ckpt")
@@ -215,7 +230,8 @@ def shardable(config: Path) -> bool:
     """Whether every optimizer of a config updates FSDP2 shards (all but torch.optim.Muon)."""
     import yaml
 
-    from lm_opt.callbacks.optimizer import OptimizerCallback, sharding_obstacle
+    from lm_opt.callbacks.optimizer import OptimizerCallback
+    from lm_opt.optim.routing import sharding_obstacle
 
     callback = OptimizerCallback(**yaml.safe_load(config.read_text())["trainer"]["callbacks"][0]["init_args"])
     return not any(sharding_obstacle(cls) for cls in callback.classes)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_opt.model import GPT, PRESETS, ROLES, ModelConfig, lm_loss
+from lm_opt.model import GPT, PRESETS, ROLES, ModelConfig, kind_of, lm_loss
 
 
 def tiny(**overrides) -> GPT:
@@ -156,3 +156,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.equal(ce0, ce1)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=0, atol=0, msg=name)
+
+
+def test_kinds_name_the_matrices_apart_and_give_the_roles():
+    model = GPT(ModelConfig.from_name("tiny", n_layer=3, norm_bias=True))
+    kinds = model.param_kinds()
+    assert list(kinds) == list(model.param_roles())
+    assert {kinds[f"blocks.2.{n}.weight"] for n in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")} == {
+        "qkv", "attn_out", "mlp_in", "mlp_out"}
+    assert kinds["blocks.1.attn_norm.bias"] == "norm" and model.fused_projections("blocks.2.attn.qkv.weight") == 3
+    assert all(kind_of(name) == kind for name, kind in kinds.items())  # names alone, as in a run's logs
+    assert kind_of("blocks.11.mlp.fc.weight") == "mlp_in" and kind_of("blocks.0.attn.bias") is None

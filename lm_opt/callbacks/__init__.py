@@ -3,5 +3,6 @@
 from lm_opt.callbacks.optimizer import OptimizerCallback, Route
 from lm_opt.callbacks.run_record import RunRecord
 from lm_opt.callbacks.throughput import TokenThroughput
+from lm_opt.callbacks.update_size import UpdateSizeQuantiles
 
-__all__ = ["OptimizerCallback", "Route", "RunRecord", "TokenThroughput"]
+__all__ = ["OptimizerCallback", "Route", "RunRecord", "TokenThroughput", "UpdateSizeQuantiles"]

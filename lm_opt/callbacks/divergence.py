@@ -23,7 +23,7 @@ class DivergenceStop(L.Callback):
 
     The run ends by raising `Diverged` rather than by `trainer.should_stop`: Lightning then
     saves no checkpoint of the diverged weights, so `last.ckpt` stays the last good one, and
-    the run record writes `status: diverged` with the step to `summary.json`.
+    the run record writes `status: diverged` with the step to its summary.
 
     The host reads the loss only every `check_every_n_steps` optimizer steps: in between, the
     worst micro-batch loss is kept on the device (NaN wins), so no step waits on a device sync.

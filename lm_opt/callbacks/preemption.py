@@ -17,7 +17,7 @@ log = logging.getLogger("lm_opt")
 
 
 class Preempted(SIGTERMException):
-    """The run stopped on a signal after saving its step: `summary.json` says `interrupted`, and the
+    """The run stopped on a signal after saving its step: its summary says `interrupted`, and the
     process exits with status 128 + the signal's number, as a shell reports a signalled process."""
 
     def __init__(self, signum: int, step: int, saved: bool, requeued: bool):

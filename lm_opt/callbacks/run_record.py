@@ -1,9 +1,9 @@
-"""The run's record in its log folder: `config.yaml` when it starts, `summary.json` when it ends."""
+"""The run's record in its log folder: its config when it starts, its summary when it ends
+(lm_opt.record reads and writes both)."""
 
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -13,19 +13,12 @@ import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lm_opt import record
 from lm_opt.callbacks.divergence import Diverged
 from lm_opt.optim.state import state_bytes
 from lm_opt.provenance import provenance
 
-SUMMARY_FILE = "summary.json"
 log = logging.getLogger("lm_opt")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def describe_error(exception: BaseException) -> str:
@@ -39,9 +32,9 @@ def describe_error(exception: BaseException) -> str:
 
 class RunRecord(SaveConfigCallback):
     """Saves the resolved config (as Lightning's SaveConfigCallback) and, at the end of `fit`,
-    a `summary.json` that sweeps and reports read: status, final and best validation loss,
-    steps, tokens, wall time, the full config and its provenance (code commit, package
-    versions, device, precision, data and tokenizer identity; lm_opt.provenance).
+    the summary that sweeps and reports read (lm_opt.record.RunSummary): status, final and best
+    validation loss, steps, tokens, wall time, the full config and its provenance (code commit,
+    package versions, device, precision, data and tokenizer identity; lm_opt.provenance).
 
     The summary also holds the validation curve (`val_curve`: [step, loss] pairs, kept across a
     resume through the checkpoint, for steps-to-target in `report`) and the median wall time of
@@ -118,13 +111,13 @@ class RunRecord(SaveConfigCallback):
         try:
             self.on_exception(trainer, pl_module, exception)
         except Exception as err:
-            log.error(f"could not write {Path(self.log_dir) / SUMMARY_FILE}: {type(err).__name__}: {err}")
+            log.error(f"could not write {record.summary_path(self.log_dir)}: {type(err).__name__}: {err}")
 
     def write_summary(self, trainer: L.Trainer, pl_module: L.LightningModule, status: dict[str, Any]) -> None:
         if not trainer.is_global_zero or getattr(self, "log_dir", None) is None:
             return
         steps = trainer.global_step
-        summary = {
+        summary = record.RunSummary.from_json({
             **status,
             "final_val_loss": None if math.isnan(self.final_val_loss) else self.final_val_loss,
             "final_val_step": self.final_val_step,
@@ -137,9 +130,8 @@ class RunRecord(SaveConfigCallback):
             "step_time_s": self.median_step_time(),
             "val_curve": self.val_curve,
             "optimizer_state_bytes": sum(state_bytes(s) for opt in trainer.optimizers for s in opt.state.values()),
-            "config": self.parser.dump(self.config, format="json", skip_unset=False),
+            "config": json.loads(self.parser.dump(self.config, format="json", skip_unset=False)),
             "provenance": self.provenance,
-        }
-        summary["config"] = json.loads(summary["config"])
-        write_json_atomic(Path(self.log_dir) / SUMMARY_FILE, summary)
+        })
+        record.write_summary(Path(self.log_dir), summary)
         self.ended = True

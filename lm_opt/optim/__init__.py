@@ -3,6 +3,10 @@
 `torch.optim.AdamW` and `torch.optim.SGD` are used as they are (`lm_opt.optim.Muon` is
 `torch.optim.Muon`'s arithmetic, on FSDP2 shards too); YAML
 names any optimizer by `class_path` (e.g. `lm_opt.optim.Lion`, `torch.optim.AdamW`).
+
+`routing` routes parameters to optimizers by role and builds the optimizer of a model; `hooks`
+declares the optional methods by which an optimizer asks the training loop for more (a hold of
+the lr schedule, a train/eval switch).
 """
 
 from lm_opt.optim.adafactor import Adafactor

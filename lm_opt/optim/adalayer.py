@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lm_opt.model import ROLES
 from lm_opt.optim.sharded import all_reduce_sums, is_dtensor, local, row_offset, rows_like
 from lm_opt.optim.state import (
     BaseOptimizer,
@@ -19,8 +20,6 @@ from lm_opt.optim.state import (
     state_dtype,
     use_foreach,
 )
-
-ROLES = ("embedding", "matrix", "norm", "last_layer")
 
 
 def num_blocks(shape: torch.Size, blocks: str | int) -> int:
@@ -377,6 +376,11 @@ class Adalayer(BaseOptimizer):
         if role == "last_layer":
             return "row"
         return fused if fused > 1 else "tensor"
+
+    def hold_steps(self) -> int:
+        """Frozen Adalayer's :math:`T` steps, which the lr schedule holds at 0 while :math:`v`
+        accumulates and which lengthen the run (:mod:`lm_opt.optim.hooks`); 0 for plain Adalayer."""
+        return max((group["freeze_after"] or 0 for group in self.param_groups), default=0)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         # A parameter that skipped steps (grad None) has its own step count.

@@ -122,10 +122,10 @@ class ScheduleFreeAdamW(BaseOptimizer):
 
     The parameters hold :math:`y` in training and :math:`x` in evaluation: call
     :meth:`eval` before evaluating or checkpointing the weights and :meth:`train` before
-    training again (both are idempotent; the mode is kept in the param groups, so it
-    survives ``state_dict``). Unlike the package, the optimizer starts in train mode (at
-    that point :math:`x = y`), and :meth:`train` restores :math:`y` bit for bit: :meth:`eval`
-    keeps a copy of :math:`y`.
+    training again, as lm_opt's training loop does (:mod:`lm_opt.optim.hooks`; both are
+    idempotent; the mode is kept in the param groups, so it survives ``state_dict``). Unlike
+    the package, the optimizer starts in train mode (at that point :math:`x = y`), and
+    :meth:`train` restores :math:`y` bit for bit: :meth:`eval` keeps a copy of :math:`y`.
 
     State: ``z`` and ``exp_avg_sq``, 8 bytes per parameter in float32, like AdamW; in eval
     mode also ``y``, a copy of the parameter in its own dtype. State is float32 for

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from lm_opt.model import Kind, kind_of  # noqa: E402
+
 TAG = re.compile(r"^eff_lr/(?P<param>.+)/q(?P<q>\d+)$")
 
 
@@ -32,17 +34,12 @@ def read_quantiles(run_dir: Path) -> dict[str, dict[int, list[tuple[int, float]]
     return {p: {q: sorted(v.items()) for q, v in qs.items()} for p, qs in series.items()}
 
 
-# Panels of the figure: (title, pattern of the parameter names it holds), first match wins.
-KINDS = (
-    ("QKV", r"\.attn\.qkv\."),
-    ("attention out", r"\.attn\.proj\."),
-    ("MLP in", r"\.mlp\.fc\."),
-    ("MLP out", r"\.mlp\.proj\."),
-    ("norms", r"norm\."),
-    ("embedding", r"^wte\."),
-    ("last layer: spread across logits", r"^lm_head\..*/rows$"),
-    ("last layer", r"^lm_head\."),
-)
+SPREAD = "last layer: spread across logits"
+# The figure's panel for each kind of parameter (lm_opt.model.kind_of), in order. The last layer's
+# per-logit medians (`lm_head.weight/rows`) get a panel of their own, SPREAD, before its own.
+PANELS: dict[Kind, str] = {"qkv": "QKV", "attn_out": "attention out", "mlp_in": "MLP in", "mlp_out": "MLP out",
+                           "norm": "norms", "embedding": "embedding", "last_layer": "last layer"}
+TITLES = (*list(PANELS.values())[:-1], SPREAD, PANELS["last_layer"], "other")
 BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
@@ -52,13 +49,18 @@ def depth(name: str) -> int | None:
     return int(match[1]) if match else None
 
 
+def panel_of(name: str) -> str:
+    """The title of the panel that draws the tensor `name` (a parameter, or `<parameter>/rows`)."""
+    param, _, view = name.partition("/")
+    kind = kind_of(param)
+    return SPREAD if kind == "last_layer" and view == "rows" else PANELS.get(kind, "other")
+
+
 def panels(names: list[str]) -> dict[str, list[str]]:
-    """Parameter names grouped by kind, in KINDS order; names of no kind go to `other`."""
-    groups: dict[str, list[str]] = {title: [] for title, _ in KINDS}
-    groups["other"] = []
+    """Parameter names grouped by kind, in TITLES order; names of no kind go to `other`."""
+    groups: dict[str, list[str]] = {title: [] for title in TITLES}
     for name in sorted(names, key=lambda n: (depth(n) is None, depth(n) or 0, n)):
-        title = next((t for t, pattern in KINDS if re.search(pattern, name)), "other")
-        groups[title].append(name)
+        groups[panel_of(name)].append(name)
     return {title: members for title, members in groups.items() if members}
 
 
@@ -78,7 +80,7 @@ def plot(series: dict[str, dict[int, list[tuple[int, float]]]], out: Path, title
             qs = series[name]
             steps = [s for s, _ in qs[50]]
             value = {q: [v for _, v in qs[q]] for q in qs}
-            if kind.startswith("last layer: spread"):
+            if kind == SPREAD:
                 ax.fill_between(steps, value[5], value[95], alpha=0.2, color="k", label="5-95% of logits")
                 ax.fill_between(steps, value[25], value[75], alpha=0.4, color="k", label="25-75%")
                 ax.plot(steps, value[50], color="k", label="median")

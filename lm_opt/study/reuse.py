@@ -6,7 +6,7 @@ whose resolved config, with the precision this machine resolves it to (`trainer.
 equals a done run's in a sibling sweep folder (all but its logger and the checkpoint it resumed
 from), recorded with this interpreter's packages, this CPU model and kind (lm_opt.precision.same_kind)
 and the threads the point would get, is done already: its folder gets a copy of that run's files
-(not its checkpoints) and its `point.json` says `copied_from`.
+(not its checkpoints) and its point record says `copied_from`.
 GPU runs are not bitwise deterministic and always run.
 """
 
@@ -16,15 +16,22 @@ from pathlib import Path
 
 from lm_opt.precision import cpu_arithmetic, resolve, same_kind
 from lm_opt.provenance import cpu_name, package_versions
-from lm_opt.study.sweep_plan import DONE, OPTIMIZER_YAML, Point
+from lm_opt.record import POINT_FILES, sweep_runs
+from lm_opt.study.sweep_plan import DONE, Point
+
+
+DIAGNOSTICS = ("eff_lr", "update_size")
+"""Config sections of callbacks that only read the run (lm_opt.callbacks.effective_lr, update_size)."""
 
 
 def run_key(config: dict, precision: str | None = None) -> str:
     """The resolved config as JSON with the precision it ran in (or, for a point not yet run, the one
-    this machine resolves it to), less its logger (where and how it logs) and the checkpoint it
-    resumed from (a resumed run continues bit for bit: tests/test_preemption.py)."""
+    this machine resolves it to), less its logger (where and how it logs), its diagnostics (what they
+    log; they never touch the weights) and the checkpoint it resumed from (a resumed run continues bit
+    for bit: tests/test_preemption.py)."""
     config = json.loads(json.dumps(config))
-    config.pop("ckpt_path", None)
+    for key in ("ckpt_path", *DIAGNOSTICS):
+        config.pop(key, None)
     trainer = config.setdefault("trainer", {})
     trainer.pop("logger", None)
     trainer["precision"] = precision or resolve(trainer.get("precision"), trainer.get("accelerator", "auto")).precision
@@ -36,17 +43,12 @@ def done_runs(sweeps_root: Path, threads: int) -> dict[str, Path]:
     model and kind, with these packages and `threads` threads."""
     packages, cpu, arithmetic = package_versions(), cpu_name(), cpu_arithmetic()
     runs = {}
-    for summary_file in sorted(sweeps_root.glob("*/*/summary.json")):
-        try:
-            summary = json.loads(summary_file.read_text())
-        except (OSError, ValueError):
-            continue
-        provenance = summary.get("provenance") or {}
-        device = provenance.get("device") or {}
-        if (summary.get("status") in DONE and summary.get("config") and provenance.get("packages") == packages
+    for run_dir, summary in sweep_runs(sweeps_root):
+        device = summary.device
+        if (summary.status in DONE and summary.config and (summary.provenance or {}).get("packages") == packages
                 and device.get("type") == "cpu" and device.get("name") == cpu and device.get("threads") == threads
                 and same_kind(device.get("arithmetic"), arithmetic)):
-            runs.setdefault(run_key(summary["config"], device.get("precision")), summary_file.parent)
+            runs.setdefault(run_key(summary.config, device.get("precision")), run_dir)
     return runs
 
 
@@ -54,5 +56,5 @@ def copy_record(source: Path, point: Point) -> None:
     """`source`'s files (not its checkpoints) into the point's folder, which has no run of its own."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
-        if item.is_file() and item.name not in ("point.json", "command.sh", OPTIMIZER_YAML):
+        if item.is_file() and item.name not in POINT_FILES:
             shutil.copy2(item, point.run_dir / item.name)

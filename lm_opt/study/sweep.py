@@ -3,8 +3,8 @@
 Each point of the spec (planned and checked by `lm_opt.study.sweep_plan`) is one `python -m lm_opt
 fit` run in its own folder `out_dir/<point name>`, which holds the point's optimizer YAML (a
 copy of the optimizer's with the swept values), `command.sh` (run it to run, rerun or resume
-the point alone; local runs and Slurm tasks both run exactly it) and `point.json` (the swept
-values, for `report`). Every point's config is parsed before anything launches. A rerun skips
+the point alone; local runs and Slurm tasks both run exactly it) and its point record (the swept
+values and the command, for `report` and `recheck`: lm_opt.record.PointRecord). Every point's config is parsed before anything launches. A rerun skips
 finished and diverged points and resumes the others. Once a line's grid is done (an optimizer,
 at one value of the shared grid), its best point runs again with each of the spec's `seeds`,
 so that every comparison can be read against seed noise; `grid_seeds` run every point again.
@@ -17,7 +17,6 @@ pushed as it goes and resumed from a fresh clone, which skips the committed poin
 """
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -28,9 +27,11 @@ from pathlib import Path
 import yaml
 
 from lm_opt.precision import cpu_arithmetic, describe, same_kind
+from lm_opt.record import (COMMAND_FILE, LOG_FILE, OPTIMIZER_YAML, SPEC_FILE, SUMMARY_FILE, PointRecord, read_point,
+                           read_summary, write_point as write_point_record)
 from lm_opt.study.report import write_report
 from lm_opt.study.reuse import copy_record, done_runs, run_key
-from lm_opt.study.sweep_plan import DONE, OPTIMIZER_YAML, Point, SpecError, line_of, load_spec, plan, validate, with_seed
+from lm_opt.study.sweep_plan import DONE, Point, SpecError, line_of, load_spec, plan, validate, with_seed
 
 STARTING = {"resume": " (resuming from last.ckpt)", "retry": " (again: its last attempt did not finish)"}
 """How a point's start is announced, by its `point_state`."""
@@ -47,17 +48,9 @@ def point_state(run_dir: Path) -> str:
     return "retry" if status else "start"
 
 
-def read_summary(run_dir: Path) -> dict:
-    """The run's summary.json; empty where the run never got to write one."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def read_status(run_dir: Path) -> str | None:
     """The run's status (`finished`, `diverged`, `failed`, ...); None before it has ended."""
-    return read_summary(run_dir).get("status")
+    return read_summary(run_dir).status
 
 
 COMMAND_TEMPLATE = """#!/usr/bin/env bash
@@ -68,14 +61,14 @@ COMMAND_TEMPLATE = """#!/usr/bin/env bash
 set -e
 cd "$(dirname "${{BASH_SOURCE[0]}}")"/{cwd}
 RUN={run_dir}
-if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "({done})"' "$RUN/summary.json"; then
-  echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/summary.json")"
+if [ -f "$RUN/{summary}" ] && grep -Eq '"status": "({done})"' "$RUN/{summary}"; then
+  echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/{summary}")"
   exit 0
 fi
 RESUME=()
 if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
 elif [ "${{SLURM_PROCID:-0}}" = 0 ]; then  # an attempt without a checkpoint starts over (once, under srun)
-  rm -f "$RUN"/events.out.tfevents.* "$RUN/summary.json"
+  rm -f "$RUN"/events.out.tfevents.* "$RUN/{summary}"
 fi
 exec "${{PYTHON:-python}}" {command} "${{RESUME[@]}}"
 """
@@ -92,25 +85,23 @@ def shell_lines(command: list[str]) -> str:
 
 
 def command_of(point: Point) -> list[str]:
-    """The point's full command, as written to its command.sh and point.json: `python` is whichever
-    interpreter runs it (`$PYTHON` in command.sh, which `sweep` sets to its own)."""
+    """The point's full command, as written to its command.sh and its point record: `python` is
+    whichever interpreter runs it (`$PYTHON` in command.sh, which `sweep` sets to its own)."""
     return ["python", "-m", "lm_opt", *point.fit_args()]
 
 
 def recorded_command(run_dir: Path) -> list[str] | None:
-    """The command a point's folder was last written with; None where there is no point.json."""
-    try:
-        return json.loads((run_dir / "point.json").read_text())["command"]
-    except (OSError, ValueError, KeyError):
-        return None
+    """The command a point's folder was last written with; None where it has no point record."""
+    record = read_point(run_dir)
+    return None if record is None else record.command
 
 
 def commit_record(point: Point) -> None:
     """Commit a done point's folder, less checkpoints and event files, and nothing else that is staged."""
     files = [str(f) for f in sorted(point.run_dir.iterdir()) if f.is_file() and not f.name.startswith("events.out")]
     summary = read_summary(point.run_dir)
-    loss = summary.get("final_val_loss")
-    message = f"{point.run_dir.parent.name}: {point.name} {summary.get('status')}" + (
+    loss = summary.final_val_loss
+    message = f"{point.run_dir.parent.name}: {point.name} {summary.status}" + (
         "" if loss is None else f" (final val loss {loss:.4f})")
     try:
         subprocess.run(["git", "add", "--force", "--", *files], check=True, capture_output=True, text=True)
@@ -122,24 +113,21 @@ def commit_record(point: Point) -> None:
 
 
 def write_point(point: Point, sweep: str, copied_from: Path | None = None) -> Path:
-    """The point's folder: its optimizer YAML, `command.sh` and `point.json` (with the run folder
+    """The point's folder: its optimizer YAML, `command.sh` and point record (with the run folder
     its record was copied from, if it was)."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
     header = f"# Optimizer of point {point.name} of sweep {sweep}, written by `python -m lm_opt sweep`.\n"
     (point.run_dir / OPTIMIZER_YAML).write_text(header + yaml.safe_dump(point.optimizer_yaml, sort_keys=False))
     command = command_of(point)
-    script = point.run_dir / "command.sh"
+    script = point.run_dir / COMMAND_FILE
     script.write_text(COMMAND_TEMPLATE.format(
         name=point.name, sweep=sweep, script=shlex.quote(str(script)),
         cwd=shlex.quote(os.path.relpath(os.getcwd(), point.run_dir.resolve())),
-        run_dir=shlex.quote(str(point.run_dir)), done="|".join(DONE),
+        run_dir=shlex.quote(str(point.run_dir)), summary=SUMMARY_FILE, done="|".join(DONE),
         command=shell_lines(command[1:])))
     script.chmod(0o755)
-    record = {"sweep": sweep, "name": point.name, "optimizer": point.optimizer, "values": point.values,
-              "shared": point.shared, "command": command}
-    if copied_from is not None:
-        record["copied_from"] = str(copied_from)
-    (point.run_dir / "point.json").write_text(json.dumps(record, indent=2))
+    write_point_record(point.run_dir, PointRecord(sweep, point.name, point.optimizer, point.values, point.shared, command,
+                                                  None if copied_from is None else str(copied_from)))
     return script
 
 
@@ -183,7 +171,7 @@ def write_slurm(points: list[Point], spec: dict) -> Path:
               ")", 'RUN=${POINTS[$SLURM_ARRAY_TASK_ID]}',
               f'export PYTHON="${{PYTHON:-{sys.executable}}}"  # the interpreter each command.sh runs',
               "LAUNCH=(); if command -v srun >/dev/null; then LAUNCH=(srun --kill-on-bad-exit=1); fi",
-              '"${LAUNCH[@]}" bash "$RUN/command.sh" >>"$RUN/fit.log" 2>&1', ""]
+              f'"${{LAUNCH[@]}}" bash "$RUN/{COMMAND_FILE}" >>"$RUN/{LOG_FILE}" 2>&1', ""]
     (out_dir / "slurm").mkdir(parents=True, exist_ok=True)
     script = out_dir / "sweep.sbatch"
     script.write_text("\n".join(lines))
@@ -203,18 +191,18 @@ def gpu_slots() -> list[str]:
 def outcome(point: Point, returncode: int) -> str | None:
     """None when the point ended as a result (finished or diverged), else what went wrong."""
     summary = read_summary(point.run_dir)
-    status = summary.get("status")
+    status = summary.status
     if returncode == 0 and status in DONE:
         return None
-    reason = summary.get("error") or (f"status {status}" if status else "no summary.json")
+    reason = summary.error or (f"status {status}" if status else f"no {SUMMARY_FILE}")
     return f"exit code {returncode}: {reason}"
 
 
 def launch(point: Point, slot: str | None, env: dict) -> subprocess.Popen:
     """Start the point's command.sh, its output appended to fit.log, on GPU `slot` if any."""
     env = dict(env, PYTHON=sys.executable, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
-    with open(point.run_dir / "fit.log", "ab") as log:
-        return subprocess.Popen(["bash", str(point.run_dir / "command.sh")], stdout=log, stderr=subprocess.STDOUT,
+    with open(point.run_dir / LOG_FILE, "ab") as log:
+        return subprocess.Popen(["bash", str(point.run_dir / COMMAND_FILE)], stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
 
 
@@ -227,7 +215,7 @@ def execute(points: list[Point], jobs: int, commit: bool = False) -> dict[str, s
         print(f"--jobs {jobs} > {len(gpus)} GPUs: running {len(gpus)} at a time, one per GPU")
     env = dict(os.environ)
     if not gpus and jobs > 1:  # share the CPU cores instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = str(cpu_threads(jobs))
+        env["OMP_NUM_THREADS"] = str(threads_per_job(jobs))
     pending, running, results = list(enumerate(points, 1)), {}, {}
     try:
         while pending or running:
@@ -256,10 +244,10 @@ def execute(points: list[Point], jobs: int, commit: bool = False) -> dict[str, s
 def best_of(points: list[Point]) -> Point | None:
     """The finished point with the lowest final val loss; None until every point is done."""
     summaries = [read_summary(p.run_dir) for p in points]
-    if any(s.get("status") not in DONE for s in summaries):
+    if any(s.status not in DONE for s in summaries):
         return None
-    finished = [(s["final_val_loss"], p) for s, p in zip(summaries, points)
-                if s["status"] == "finished" and s.get("final_val_loss") is not None]
+    finished = [(s.final_val_loss, p) for s, p in zip(summaries, points)
+                if s.status == "finished" and s.final_val_loss is not None]
     return min(finished, key=lambda pair: pair[0])[1] if finished else None
 
 
@@ -275,7 +263,7 @@ def seed_points(points: list[Point], seeds: list[int]) -> list[Point]:
     return repeats
 
 
-def cpu_threads(jobs: int) -> int:
+def threads_per_job(jobs: int) -> int:
     """The CPU threads each of `jobs` points run at once gets: OMP_NUM_THREADS where it is set, else
     the cores shared out (torch's default for a single job)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -302,7 +290,7 @@ def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None
                   f"its record copied", flush=True)
             if commit:
                 commit_record(point)
-        elif states[point.name] != "done" or not (point.run_dir / "command.sh").is_file():
+        elif states[point.name] != "done" or not (point.run_dir / COMMAND_FILE).is_file():
             write_point(point, spec["name"])
         elif (recorded_command(point.run_dir) or [None])[1:] != command_of(point)[1:]:  # any interpreter
             print(f"warning: {point.name} is done but ran another command (see its command.sh); "
@@ -317,7 +305,7 @@ def check_one_cpu_kind(points: list[Point]) -> None:
         return
     here = cpu_arithmetic()
     for point in points:
-        device = (read_summary(point.run_dir).get("provenance") or {}).get("device") or {}
+        device = read_summary(point.run_dir).device
         if device.get("type") == "cpu" and point_state(point.run_dir) == "done" and not same_kind(
                 device.get("arithmetic"), here):
             raise SpecError(f"{point.run_dir.parent} holds runs made on {describe(device.get('arithmetic'))} "
@@ -343,7 +331,7 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
             print(f"then each line's best point with seeds {spec['seeds']}, once its grid is done")
         return {}
     spec["out_dir"].mkdir(parents=True, exist_ok=True)
-    (spec["out_dir"] / "sweep.yaml").write_text(Path(spec_path).read_text())
+    (spec["out_dir"] / SPEC_FILE).write_text(Path(spec_path).read_text())
     if slurm:
         prepare(points, spec)
         seeds = seed_points(grid, spec["seeds"])
@@ -354,7 +342,7 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
         return {}
     if not gpu_slots() and not any_cpu:
         check_one_cpu_kind(points)
-    runs = done_runs(spec["out_dir"].parent, cpu_threads(jobs)) if reuse and not gpu_slots() else {}
+    runs = done_runs(spec["out_dir"].parent, threads_per_job(jobs)) if reuse and not gpu_slots() else {}
     todo = prepare(points, spec, runs, commit)
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
     results = execute(todo, jobs, commit) if todo else {}
@@ -366,7 +354,7 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
         results.update(execute(todo, jobs, commit) if todo else {})
     for name, problem in results.items():
         if problem:
-            print(f"CRASHED {name}: {problem}; log: {spec['out_dir'] / name / 'fit.log'}; rerun the sweep to retry")
+            print(f"CRASHED {name}: {problem}; log: {spec['out_dir'] / name / LOG_FILE}; rerun the sweep to retry")
     write_report(spec["out_dir"])
     return results
 

@@ -30,14 +30,13 @@ from typing import Any
 
 import yaml
 
-from lm_opt.errors import invalid_yaml
+from lm_opt.errors import UserError, invalid_yaml
+from lm_opt.record import OPTIMIZER_YAML
 
 SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "overrides")
 OPTIMIZER_KEYS = ("config", "grid", "overrides")
 OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""
-OPTIMIZER_YAML = "optimizer.yaml"
-"""A point's copy of its optimizer YAML, in its folder."""
 DONE = ("finished", "diverged")
 """Run statuses that are a result; a rerun leaves such a point alone."""
 
@@ -168,7 +167,7 @@ def short_name(key: str) -> str:
     return parts[-2] + parts[-1] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
-def axes_of(grid: dict) -> list[Axis]:
+def grid_axes(grid: dict) -> list[Axis]:
     """A checked grid's axes; a paired axis keeps the grid's own key as its name."""
     return [Axis(key, values, None) if isinstance(values[0], dict) else Axis(short_name(key), values, key)
             for key, values in grid.items()]
@@ -243,12 +242,14 @@ def set_path(tree: Any, path: list, value: Any, where: str) -> None:
 
 
 def callback_init_args(optimizer_yaml: dict, config: str) -> dict:
-    """The init_args of the one OptimizerCallback in an optimizer YAML's trainer.callbacks."""
-    callbacks = (optimizer_yaml.get("trainer") or {}).get("callbacks") or []
-    found = [c for c in callbacks if isinstance(c, dict) and str(c.get("class_path", "")).endswith("OptimizerCallback")]
-    if len(found) != 1:
-        raise SpecError(f"{config}: needs exactly one OptimizerCallback in trainer.callbacks, found {len(found)}")
-    return found[0].setdefault("init_args", {})
+    """The init_args of the one OptimizerCallback in an optimizer YAML (or a resolved config), as
+    the mapping in it (lm_opt.callbacks.optimizer.optimizer_args)."""
+    from lm_opt.callbacks.optimizer import optimizer_args
+
+    try:
+        return optimizer_args(optimizer_yaml, config)
+    except UserError as err:
+        raise SpecError(str(err)) from None
 
 
 def cli_value(value: Any) -> str:
@@ -259,9 +260,9 @@ def cli_value(value: Any) -> str:
 
 def plan(spec: dict) -> list[Point]:
     """Every point of the sweep, in order: optimizers, then the shared grid, then each optimizer's grid."""
-    points, shared = [], axes_of(spec["grid"])
+    points, shared = [], grid_axes(spec["grid"])
     for label, entry in spec["optimizers"].items():
-        axes = axes_of(entry["grid"]) + shared
+        axes = grid_axes(entry["grid"]) + shared
         short = [a.name for a in axes]  # two keys that shorten alike keep their full names
         names = [a.key if a.key and short.count(a.name) > 1 else a.name for a in axes]
         source = yaml.safe_load(Path(entry["config"]).read_text())

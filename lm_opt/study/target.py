@@ -1,6 +1,6 @@
 """Steps to a target loss (the SOAP paper's and AlgoPerf's measure), read off validation curves.
 
-A run's `summary.json` holds its validation curve, `val_curve`: [step, loss] at each validation.
+A run's summary holds its validation curve, `val_curve`: [step, loss] at each validation.
 The steps a run needs to reach a target loss are where that curve first falls to the target,
 interpolated linearly between the two validations around the crossing: the curve is only known
 at validations, so the answer is as fine as `val_check_interval`. A run whose first validation
@@ -14,6 +14,7 @@ section per target and draws the curves (`plot_curves.png`).
 from pathlib import Path
 from typing import Any
 
+from lm_opt.study.rows import Row
 from lm_opt.study.sweep_plan import format_value
 
 
@@ -49,21 +50,21 @@ def target_loss(target: str, stable: list[dict], noise: dict[tuple, dict]) -> tu
     return line["best_loss"], f"{target}'s best final loss, {line['best_loss']:.4f} nats (no seeds)"
 
 
-def time_to_target(lines: list[tuple[dict, list[dict]]], target: float, reference: str | None) -> list[dict]:
+def time_to_target(lines: list[tuple[dict, list[Row]]], target: float, reference: str | None) -> list[dict]:
     """Per line (its stability entry and the runs of its best point, seeds included): the steps to
     `target` (mean and range over the runs that reach it), that as a fraction of the run's steps,
     the median step time, and optimizer state per parameter; step time also as a ratio to the
     reference setup's, and the wall clock to the target as a ratio to the reference's whole run."""
     out = []
     for line, runs in lines:
-        runs = [r for r in runs if r["status"] == "finished"]
-        reached = [x for x in (steps_to_target(r.get("val_curve"), target) for r in runs) if x is not None]
-        step_times = sorted(r["step_time_s"] for r in runs if r.get("step_time_s"))
-        per_param = [r["optimizer_state_bytes"] / r["parameters"] for r in runs
-                     if r.get("optimizer_state_bytes") is not None and r.get("parameters")]
+        runs = [r for r in runs if r.status == "finished"]
+        reached = [x for x in (steps_to_target(r.val_curve, target) for r in runs) if x is not None]
+        step_times = sorted(r.step_time_s for r in runs if r.step_time_s)
+        per_param = [r.optimizer_state_bytes / r.parameters for r in runs
+                     if r.optimizer_state_bytes is not None and r.parameters]
         entry: dict[str, Any] = {"optimizer": line["optimizer"], "condition": line["condition"],
                                  "best_x": line["best_x"], "runs": len(runs), "reached": len(reached),
-                                 "max_steps": runs[0]["max_steps"] if runs else None}
+                                 "max_steps": runs[0].max_steps if runs else None}
         if reached:
             entry.update(mean=sum(reached) / len(reached), low=min(reached), high=max(reached))
             if entry["max_steps"]:
@@ -82,11 +83,11 @@ def time_to_target(lines: list[tuple[dict, list[dict]]], target: float, referenc
     return out
 
 
-def validation_interval(rows: list[dict]) -> str:
+def validation_interval(rows: list[Row]) -> str:
     """`every 20 steps` where every curve validates at one interval (the last gap may be shorter)."""
     gaps = set()
     for r in rows:
-        pairs = list(zip(r.get("val_curve") or [], (r.get("val_curve") or [])[1:]))
+        pairs = list(zip(r.val_curve or [], (r.val_curve or [])[1:]))
         gaps |= {b[0] - a[0] for a, b in pairs[:-1] or pairs}
     return f"every {gaps.pop():g} steps" if len(gaps) == 1 else "at the runs' validations"
 
@@ -116,7 +117,7 @@ def target_section(described: str, every: str, timed: list[dict], reference: str
     return lines + [""]
 
 
-def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, targets: list[float],
+def plot_curves(lines: list[tuple[dict, list[Row]]], path: Path, targets: list[float],
                 unigram: float | None) -> bool:
     """Validation loss against steps for each line's best point (seeds thin), the targets dashed."""
     import matplotlib
@@ -124,7 +125,7 @@ def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, targets: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    drawn = [(s, r) for s, runs in lines for r in runs if len(r.get("val_curve") or []) > 1]
+    drawn = [(s, r) for s, runs in lines for r in runs if len(r.val_curve or []) > 1]
     if not drawn:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -132,8 +133,8 @@ def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, targets: list[
     colors = {key: f"C{i % 10}" for i, key in enumerate(keys)}
     for s, r in drawn:
         key = (s["optimizer"], s["condition"])
-        steps, losses = zip(*r["val_curve"])
-        seed = r["seed"] is not None
+        steps, losses = zip(*r.val_curve)
+        seed = r.seed is not None
         ax.plot(steps, losses, color=colors[key], lw=0.8 if seed else 1.8, alpha=0.6 if seed else 1,
                 label=None if seed else " ".join(filter(None, [s["optimizer"], s["condition"],
                                                                  format_value(s["best_x"])])))
@@ -141,9 +142,9 @@ def plot_curves(lines: list[tuple[dict, list[dict]]], path: Path, targets: list[
         ax.axhline(target, color="black", ls="--", lw=1, label=f"target ({target:.3f})")
     if unigram is not None:
         ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
-    finals = [r["val_curve"][-1][1] for _, r in drawn]
+    finals = [r.val_curve[-1][1] for _, r in drawn]
     ax.set_ylim(min(finals) - 0.1, max(max(finals) + 0.6, (unigram or 0) + 0.2))
-    ax.set(xlabel="step", ylabel="validation loss", title=f"{drawn[0][1]['sweep']}: best point per line (thin: seeds)")
+    ax.set(xlabel="step", ylabel="validation loss", title=f"{drawn[0][1].sweep}: best point per line (thin: seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -7,10 +7,11 @@ import pytest
 import torch
 import yaml
 
-from lm_opt.callbacks.optimizer import OptimizerCallback, Route, route_parameters
+from lm_opt.callbacks.optimizer import OptimizerCallback, Route, optimizer_args
 from lm_opt.errors import UserError
 from lm_opt.model import GPT, ModelConfig
 from lm_opt.optim import EMASGD, Adalayer, CompositeOptimizer
+from lm_opt.optim.routing import route_parameters
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "optim"
 
@@ -153,8 +154,8 @@ def test_frozen_adalayer_keeps_body_v_and_adapts_last_layer_and_norm_v():
 
 
 def test_only_torch_muon_is_known_not_to_shard():
-    from lm_opt.callbacks.optimizer import sharding_obstacle, sharding_scheme
     from lm_opt.optim import SOAP, Adafactor, AdamMini, Lion, Muon, Shampoo, Signum
+    from lm_opt.optim.routing import sharding_obstacle, sharding_scheme
 
     assert "lm_opt.optim.Muon" in sharding_obstacle(torch.optim.Muon)
     shardable = (torch.optim.AdamW, torch.optim.SGD, Lion, Signum, EMASGD, Adalayer, Adafactor, AdamMini, SOAP, Shampoo,
@@ -162,3 +163,15 @@ def test_only_torch_muon_is_known_not_to_shard():
     assert not any(sharding_obstacle(c) for c in shardable)
     assert "all-reduce" in sharding_scheme(Adafactor) and "elementwise" in sharding_scheme(Lion)
     assert all("owner" in sharding_scheme(c) for c in (SOAP, Shampoo, Muon))
+
+
+def test_the_optimizer_of_a_config_is_read_in_one_place_and_its_hold_lengthens_the_run():
+    config = yaml.safe_load((CONFIGS / "frozen_adalayer.yaml").read_text())
+    args = optimizer_args(config, "frozen_adalayer.yaml")
+    assert args is config["trainer"]["callbacks"][0]["init_args"]
+    assert OptimizerCallback(**args).hold_steps == 1000
+    assert callback_from("adamw.yaml").hold_steps == 0
+    twice = {"trainer": {"callbacks": config["trainer"]["callbacks"] * 2}}
+    for wrong, found in (({}, 0), (twice, 2)):
+        with pytest.raises(UserError, match=f"x.yaml: needs exactly one OptimizerCallback .*found {found}"):
+            optimizer_args(wrong, "x.yaml")

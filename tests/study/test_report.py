@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lm_opt.study.report import load_rows, main, stability, stability_per_seed
+from lm_opt.study.report import main
+from lm_opt.study.rows import load_rows
+from lm_opt.study.stats import stability, stability_per_seed
 
 PAIRED_ON = {"model.qk_norm": True, "model.z_loss": 1e-4}
 
@@ -114,8 +116,8 @@ def test_a_run_folder_without_point_json_reports_its_optimizer_and_lr(tmp_path):
                                          "init_args": {"optimizer": None, "routes": [{"optimizer": lion}]}}]}}
     (run / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 4.2, "config": config}))
     (row,) = load_rows(tmp_path)
-    assert (row["optimizer"], row["values"], row["status"]) == ("Lion", {"lr": 3e-4}, "finished")
-    assert math.isclose(row["final_val_loss"], 4.2)
+    assert (row.optimizer, row.values, row.status) == ("Lion", {"lr": 3e-4}, "finished")
+    assert math.isclose(row.final_val_loss, 4.2)
 
 
 def test_an_empty_folder_is_an_error(tmp_path, capsys):

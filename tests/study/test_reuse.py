@@ -27,10 +27,11 @@ def write_run(root: Path, sweep_name: str, point: str, config: dict = CONFIG, st
     return run
 
 
-def test_the_key_ignores_the_logger_and_the_resumed_checkpoint_and_nothing_else():
+def test_the_key_ignores_the_logger_the_diagnostics_and_the_resumed_checkpoint_and_nothing_else():
     moved = json.loads(json.dumps(CONFIG))
     moved["trainer"]["logger"]["init_args"] = {"save_dir": "logs/sweeps/b", "name": "other"}
     moved["ckpt_path"] = "last"
+    moved["eff_lr"], moved["update_size"] = {"every_n_steps": 10}, {"every_n_steps": None}  # diagnostics
     assert reuse.run_key(moved) == reuse.run_key(CONFIG)
     for path, value in [(("model", "lr"), 1.01), (("seed_everything",), 1), (("trainer", "precision"), "32-true")]:
         changed = json.loads(json.dumps(CONFIG))

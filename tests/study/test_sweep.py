@@ -278,6 +278,24 @@ def test_no_committed_record_names_an_absolute_path():
         assert not re.search(r"(^|[\s\"'=])/(work|home|tmp|root|Users)/", path.read_text()), path
 
 
+def test_every_committed_command_starts_its_run_from_the_repository_root(tmp_path):
+    """Each committed command.sh, with a stand-in interpreter, runs `fit` from the checkout's root,
+    where its configs are, or says its point is done."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$PWD"\n')
+    fake.chmod(0o755)
+    scripts = sorted(Path("logs/sweeps").glob("*/*/command.sh"))
+    assert scripts
+    for script in scripts:
+        text = script.read_text().replace('grep -Eq \'"status": "(finished|diverged)"\'', "false")  # run it even if done
+        copy = tmp_path / script
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(text)
+        ran = subprocess.run(["bash", str(copy)], capture_output=True, text=True, env=dict(os.environ, PYTHON=str(fake)),
+                             cwd="/", check=True)
+        assert ran.stdout.strip() == str(tmp_path), script
+
+
 def test_slurm_tasks_run_the_same_commands_as_local_execution(tmp_path, no_launch, monkeypatch):
     spec = write_spec(tmp_path)
     sweep.main([str(spec), "--slurm"])
@@ -472,8 +490,8 @@ def test_a_point_another_sweep_ran_is_copied_and_reruns_to_its_record(micro, tmp
     point = json.loads((copied / "point.json").read_text())
     assert point["copied_from"] == str(source) and point["sweep"] == "sibling"
     assert f"{copied}/{sweep_plan.OPTIMIZER_YAML}" in point["command"] and not (copied / "checkpoints").exists()
-    again = recheck.rerun(copied, tmp_path, recheck.cpu_threads(copied, None))
-    assert again["final_val_loss"] == json.loads((source / "summary.json").read_text())["final_val_loss"]
+    again = recheck.rerun(copied, tmp_path, recheck.recorded_threads(copied, None))
+    assert again.final_val_loss == json.loads((source / "summary.json").read_text())["final_val_loss"]
 
     launched.clear()
     spec.update(name="forced", out_dir=str(micro["out"].parent / "forced"))

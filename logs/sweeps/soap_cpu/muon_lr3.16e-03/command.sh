@@ -4,7 +4,7 @@
 # A finished or diverged point is left alone; an interrupted one resumes from last.ckpt.
 # Runs from any clone: it starts where the sweep ran, relative to this file, with $PYTHON or `python`.
 set -e
-cd "$(dirname "${BASH_SOURCE[0]}")"/../../..
+cd "$(dirname "${BASH_SOURCE[0]}")"/../../../..
 RUN=logs/sweeps/soap_cpu/muon_lr3.16e-03
 if [ -f "$RUN/summary.json" ] && grep -Eq '"status": "(finished|diverged)"' "$RUN/summary.json"; then
   echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/summary.json")"

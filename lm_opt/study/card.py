@@ -1,0 +1,285 @@
+"""`python -m lm_opt card OPTIMIZER_YAML [--jobs N] [--name NAME] [--out logs/cards]`: an optimizer
+through the CPU study's protocol, and its card beside the study's optimizers.
+
+The card's folder `out/<name>/` is a sweep folder (`sweep`'s point folders, with their
+`command.sh` and point record, so that `recheck` works on them and a rerun resumes and skips done
+points) holding the lr grid, its grid seeds, the seeds at the best lr and the beta1 line, plus
+`card.md`, `results.csv` and the figures. The protocol and its rules are in
+lm_opt.study.card_plan; the writing in lm_opt.study.card_write.
+
+Baselines come from the committed sweeps (`logs/sweeps/cpu_lr`, `cpu_beta1`, `soap_cpu`) only
+where their records were made on this CPU kind and in the precision the card runs in. Elsewhere
+the card reruns AdamW's best point of `cpu_lr` with 3 seeds (`--baseline-grid`: its whole lr grid
+too) into `out/<name>/baselines/`, and compares nothing with records of another kind.
+"""
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from lm_opt.precision import cpu_arithmetic, resolve
+from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, Protocol, baseline_usable, extension, lr_value
+from lm_opt.record import read_summary
+from lm_opt.study.reuse import done_runs
+from lm_opt.study.sweep import check_one_cpu_kind, execute, prepare, seed_points, threads_per_job
+from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, get_path, optimizer_path, plan, validate,
+                                     with_seed)
+
+COMMITTED = Path("logs/sweeps")
+BASELINE_SWEEPS = ("cpu_lr", "cpu_beta1", "soap_cpu")
+
+
+def spec_of(name: str, out_dir: Path, protocol: Protocol, label: str, config: str, grid: dict,
+            overrides: dict | None = None) -> dict:
+    """A sweep spec (as lm_opt.study.sweep_plan.load_spec returns it) of one optimizer line."""
+    return {"name": name, "out_dir": out_dir, "base": list(protocol.base), "grid": {}, "seeds": [], "grid_seeds": [],
+            "overrides": dict(protocol.overrides),
+            "optimizers": {label: {"config": config, "grid": grid, "overrides": overrides or {}}}}
+
+
+def optimizer_lr(config: str) -> tuple[float, bool]:
+    """The YAML's lr (of its optimizer, or its first route) and whether it has a beta1 (`betas` or
+    `momentum`); SpecError where it has no readable OptimizerCallback or lr."""
+    if not Path(config).is_file():
+        raise SpecError(f"optimizer YAML {config!r} does not exist")
+    try:
+        source = yaml.safe_load(Path(config).read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{config}: invalid YAML: {err}") from None
+    if not isinstance(source, dict):
+        raise SpecError(f"{config}: needs a mapping with trainer.callbacks holding an OptimizerCallback")
+    init_args = callback_init_args(source, config)
+    lr = get_path(init_args, optimizer_path("lr", init_args, config), config)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise SpecError(f"{config}: the optimizer's lr must be a positive number, got {lr!r}")
+    try:
+        optimizer_path("beta1", init_args, config)
+    except SpecError:
+        return float(lr), False
+    return float(lr), True
+
+
+class Card:
+    """The runs of one card: its grid (by quarter-decade step k), seeds, beta1 line and baselines."""
+
+    def __init__(self, config: str, name: str, out_root: Path, protocol: Protocol, jobs: int,
+                 baseline_grid: bool = False):
+        self.config, self.name, self.protocol, self.jobs = config, name, protocol, jobs
+        self.dir = out_root / name
+        self.center, self.has_beta1 = optimizer_lr(config)
+        self.ks: list[int] = list(range(-protocol.half_width, protocol.half_width + 1))
+        self.log: list[str] = []
+        self.problems: dict[str, str] = {}
+        self.baseline_grid = baseline_grid
+        self.resolved: dict[str, dict] = {}
+        self.precision = resolve(requested_precision(protocol), "cpu").precision
+
+    @property
+    def committed(self) -> Path:
+        """Where the study's committed sweeps are, the baselines' source."""
+        return COMMITTED
+
+    def checked(self, points: list[Point]) -> list[Point]:
+        """The points, each one's whole `fit` command parsed (sweep_plan.validate) once."""
+        for point in points:
+            if point.name not in self.resolved:
+                self.resolved[point.name] = validate(point)
+            point.resolved = self.resolved[point.name]
+        return points
+
+    def grid(self) -> list[Point]:
+        values = [lr_value(self.center, k) for k in self.ks]
+        return plan(spec_of(self.name, self.dir, self.protocol, self.name, self.config, {"lr": values}))
+
+    def beta1_points(self, best_lr: float) -> list[Point]:
+        spec = spec_of(self.name, self.dir, self.protocol, f"{self.name}_beta1", self.config,
+                       {"beta1": list(self.protocol.beta1)}, {"lr": best_lr})
+        return plan(spec)
+
+    def baselines(self) -> dict[str, tuple[bool, str]]:
+        """Each committed baseline sweep -> whether its records may be compared here, and why."""
+        out = {}
+        for sweep in BASELINE_SWEEPS:
+            summaries = [{"status": s.status, "provenance": s.provenance}
+                         for s in map(read_summary, sorted((COMMITTED / sweep).glob("*"))) if s.status]
+            out[sweep] = baseline_usable(summaries, cpu_arithmetic(), self.precision)
+        return out
+
+    def baseline_points(self) -> list[Point]:
+        """AdamW's best point of cpu_lr with 3 seeds (or, with `baseline_grid`, cpu_lr's AdamW grid
+        under the grid seeds), run here into `baselines/`."""
+        p = self.protocol
+        values = [lr_value(p.baseline_lr, k) for k in (range(-3, 4) if self.baseline_grid else [0])]
+        grid = plan(spec_of(f"{self.name}_baselines", self.dir / "baselines", p, REFERENCE, ADAMW_YAML, {"lr": values}))
+        seeds = p.grid_seeds if self.baseline_grid else p.grid_seeds + p.best_seeds
+        return grid + [with_seed(point, s) for s in seeds for point in grid]
+
+    def reusable(self) -> dict[str, Path]:
+        """Done runs of this CPU, threads and packages (lm_opt.study.reuse) in the committed sweeps, the
+        cards and their baselines, this card's included: a point of the same config takes a copy."""
+        runs, threads = {}, threads_per_job(self.jobs)
+        for root in [COMMITTED, self.dir.parent, *sorted(self.dir.parent.glob("*"))]:
+            for key, source in (done_runs(root, threads) if root.is_dir() else {}).items():
+                runs.setdefault(key, source)
+        return runs
+
+    def run(self, points: list[Point], sweep: str | None = None) -> None:
+        """Write and run the points not done yet (a copy of a same-config record where one exists)."""
+        todo = prepare(points, {"name": sweep or self.name}, self.reusable())
+        print(f"card {self.name}: {len(points) - len(todo)} of {len(points)} points done already, {len(todo)} to run",
+              flush=True)
+        if todo:
+            for name, problem in execute(todo, self.jobs).items():
+                if problem:
+                    self.problems[name] = problem
+
+    def lr_grid(self) -> list[Point]:
+        """Grow the seed-0 grid one quarter-decade at a time until its best point is bracketed."""
+        grown = {-1: 0, 1: 0}
+        while True:
+            points = self.grid()
+            self.run(self.checked(points))
+            results = {k: {"status": s.status, "final_val_loss": s.final_val_loss}
+                       for k, s in zip(self.ks, (read_summary(p.run_dir) for p in points))}
+            k, why = extension(results)
+            if k is None:
+                self.log.append(why)
+                return points
+            side = -1 if k < self.ks[0] else 1
+            if grown[side] >= self.protocol.max_extend:
+                self.log.append(f"not bracketed: {why}, but the grid grew {grown[side]} quarter-decades on that side "
+                                f"already (the protocol's limit)")
+                return points
+            grown[side] += 1
+            self.log.append(f"{why}: added lr {lr_value(self.center, k):.3g}")
+            self.ks = sorted([*self.ks, k])
+
+    def run_all(self) -> dict:
+        """Every run of the card, then its timing; returns what the writing needs."""
+        grid = self.checked(self.grid())  # a bad optimizer fails here, before anything is written
+        usable = self.baselines()
+        base_points = [] if usable["cpu_lr"][0] else self.checked(self.baseline_points())
+        check_one_cpu_kind(grid)
+        if base_points:
+            check_one_cpu_kind(base_points)
+            self.run(base_points, f"{self.name}_baselines")
+            if self.baseline_grid:
+                self.run(seed_points(base_points[:7], self.protocol.best_seeds), f"{self.name}_baselines")
+        grid = self.lr_grid()
+        best = next((p for p in grid if p.name == best_name(grid)), None)
+        if best is None:
+            self.log.append("no finished grid point: no seeds, beta1 line or timing")
+            return {"usable": usable, "grid": grid, "best": None}
+        self.run(self.checked([with_seed(p, s) for s in self.protocol.grid_seeds for p in grid]
+                         + [with_seed(best, s) for s in self.protocol.best_seeds]))
+        if self.has_beta1:
+            line = self.checked(self.beta1_points(best.values["lr"]))
+            self.run(line)
+            self.run(seed_points(line, self.protocol.beta1_seeds))
+        timing = self.timing(best)
+        return {"usable": usable, "grid": grid, "best": best, "timing": timing}
+
+    def timing(self, best: Point) -> dict:
+        """Step time of the best point's optimizer against AdamW's, side by side in this process
+        (benchmarks.train_step's alternating rounds); cached in timing.json."""
+        cached = self.dir / "timing.json"
+        key = {"optimizer": best.optimizer_yaml, "threads": threads_per_job(self.jobs), "precision": self.precision,
+               "steps": self.protocol.timing_steps, "rounds": self.protocol.timing_rounds}
+        if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+            return json.loads(cached.read_text())
+        result = {"key": key, **time_steps(best, self.protocol, self.precision, key["threads"])}
+        cached.write_text(json.dumps(result, indent=1))
+        return result
+
+
+def requested_precision(protocol: Protocol) -> str:
+    """`trainer.precision` as the protocol's overrides or its last base config set it."""
+    precision = "auto"
+    for base in protocol.base:
+        precision = ((yaml.safe_load(Path(base).read_text()) or {}).get("trainer") or {}).get("precision", precision)
+    return protocol.overrides.get("trainer.precision", precision)
+
+
+def best_name(grid: list[Point]) -> str | None:
+    finished = [(s.final_val_loss, p.name) for p in grid
+                if (s := read_summary(p.run_dir)).status == "finished" and s.final_val_loss is not None]
+    return min(finished)[1] if finished else None
+
+
+def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) -> dict:
+    """Median seconds per step of AdamW and of the card's optimizer (the best point's YAML), in
+    alternating rounds on the best point's preset, batch and sequence length, random tokens."""
+    import statistics
+
+    import torch
+
+    from benchmarks.cpu_train import fit
+    from lm_opt.callbacks import OptimizerCallback
+
+    config = best.resolved
+    args = argparse.Namespace(preset=config["model"]["preset"], batch_size=config["data"]["batch_size"],
+                              seq_len=config["data"]["seq_len"], warmup=protocol.timing_warmup)
+    setups = {REFERENCE: yaml.safe_load(Path(ADAMW_YAML).read_text()), "card": best.optimizer_yaml}
+    seconds: dict[str, list[float]] = {k: [] for k in setups}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    print(f"timing {protocol.timing_rounds} alternating rounds of {protocol.timing_steps} steps, AdamW and the card's "
+          f"optimizer, {threads} thread(s), {precision}", flush=True)
+    try:
+        for round_ in range(protocol.timing_rounds):
+            for label in list(setups)[:: 1 if round_ % 2 == 0 else -1]:  # a shared CPU's speed drifts
+                callback = OptimizerCallback(**callback_init_args(json.loads(json.dumps(setups[label])), label))
+                _, window = fit(precision, args, protocol.timing_steps, optimizer=callback)
+                seconds[label].append((window.end - window.start) / protocol.timing_steps)
+    finally:
+        torch.set_num_threads(previous)
+    step = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"step_s": step, "rounds_s": seconds, "ratio": step["card"] / step[REFERENCE], "threads": threads,
+            "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len}
+
+
+def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/cards", jobs: int = 1,
+             protocol: Protocol | None = None, baseline_grid: bool = False) -> Card:
+    """Run (or resume) the card's points and write its card.md; returns the card."""
+    from lm_opt.study.card_write import write_card
+
+    if jobs < 1:
+        raise SpecError(f"--jobs must be >= 1, got {jobs}")
+    name = name or Path(config).stem
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise SpecError(f"--name must be a word like 'adamw' (it names the card's folder), got {name!r}")
+    start = time.time()
+    card = Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid)
+    ran = card.run_all()
+    for point, problem in card.problems.items():
+        print(f"CRASHED {point}: {problem}; rerun the card to retry", flush=True)
+    write_card(card, ran, time.time() - start)
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Exit codes: 2 for bad input (nothing ran), 1 if a point crashed, 130 on Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="python -m lm_opt card", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="an optimizer YAML with one OptimizerCallback, e.g. configs/optim/lion.yaml")
+    parser.add_argument("--jobs", type=int, default=1, help="points run at once")
+    parser.add_argument("--name", help="the card's name and folder (default: the YAML's file name)")
+    parser.add_argument("--out", default="logs/cards", help="where the card's folder goes")
+    parser.add_argument("--baseline-grid", action="store_true",
+                        help="where the baselines are rerun: AdamW's whole cpu_lr grid under 2 seeds too (14 runs "
+                             "more), so that the stable width is compared on this CPU kind")
+    args = parser.parse_args(argv)
+    try:
+        card = run_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid)
+    except SpecError as err:
+        print(f"lm_opt card: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("card interrupted; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    if card.problems:
+        raise SystemExit(1)
