@@ -72,8 +72,11 @@ def plot(rows: list[Row], axis: str, path: Path, noise: dict[tuple, dict] | None
     if panel:
         fig.suptitle(f"{rows[0].sweep}: star = best per line, bars = seed range, x at top = diverged")
     axes[0][0].set_ylabel("final validation loss")
-    if axes[0][-1].get_legend_handles_labels()[0]:  # beside the axes: over them it hides the curves
-        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    legend = {}  # every panel's lines, once each, beside the last axes: over them it hides the curves
+    for ax in axes[0]:
+        legend |= {label: handle for handle, label in zip(*ax.get_legend_handles_labels()) if label not in legend}
+    if legend:
+        axes[0][-1].legend(legend.values(), legend.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True

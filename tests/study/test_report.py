@@ -210,3 +210,25 @@ def test_compare_adds_the_other_sweeps_lines_and_a_table_of_best_points(tmp_path
     assert (ablation / "plot_lr.png").is_file() and not (base / "results.md").exists()
     with pytest.raises(SystemExit):
         main([str(ablation), "--compare", str(tmp_path / "empty")])
+
+
+def test_a_panel_tag_in_the_labels_compares_each_size_within_itself_and_draws_a_panel_each(tmp_path):
+    """adamw_w128 / signum_w128 and adamw_w256 / signum_w256: signum is beyond noise of AdamW at
+    width 128 only, and each width's AdamW is its own reference (not the other width's)."""
+    runs = {"adamw_w128": [4.00, 4.02, 3.99], "signum_w128": [4.20, 4.25, 4.22],
+            "adamw_w256": [3.50, 3.52, 3.49], "signum_w256": [3.51, 3.53, 3.50]}
+    for label, seeds in runs.items():
+        point(tmp_path, f"{label}_lr1", label, {"lr": 1e-3}, "finished", seeds[0])
+        point(tmp_path, f"{label}_lr2", label, {"lr": 1e-2}, "finished", seeds[0] + 0.3)
+        for seed, loss in enumerate(seeds[1:], 1):
+            point(tmp_path, f"{label}_lr1_seed{seed}", label, {"lr": 1e-3, "seed": seed}, "finished", loss)
+    main([str(tmp_path), "--panel", r"width=_w(\d+)$"])
+    md = (tmp_path / "results.md").read_text()
+    section = md.split("## Best point per optimizer")[1].split("## Every run")[0]
+    rows = {tuple(line.split(" | ")[:2]): line for line in section.splitlines() if line.startswith("| signum")}
+    assert rows[("| signum", "width=128")].endswith("| +0.2200 | yes |")
+    assert rows[("| signum", "width=256")].endswith("| +0.0100 | no |")
+    assert {r["width"] for r in csv.DictReader(open(tmp_path / "results.csv"))} == {"128", "256"}
+    assert (tmp_path / "plot_lr.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--panel", "width"])
