@@ -55,11 +55,12 @@ FSDP2 = ("--config", "configs/fsdp.yaml", "--trainer.devices", "2", "--trainer.a
 
 
 def test_fsdp2_training_matches_one_process(tmp_path):
-    """The DDP comparison above, sharded (configs/fsdp.yaml's AdamW), with the update-size
-    diagnostic every step: each rank's shard, norms summed in one all-reduce, gives one process's
-    ratios, and no per-entry quantiles of sharded tensors. Its resume is tested with every sharding
-    scheme in tests/test_preemption.py."""
-    every = ("--update_size.every_n_steps", "1")
+    """The DDP comparison above, sharded (configs/fsdp.yaml's AdamW), with the diagnostics on: the
+    update size every step (each rank's shard, norms summed in one all-reduce, gives one process's
+    ratios; no per-entry quantiles of sharded tensors) and the effective lr every 2 steps (the
+    shards gathered to rank 0, every rank taking part: one process's quantiles). Its resume is
+    tested with every sharding scheme in tests/test_preemption.py."""
+    every = ("--update_size.every_n_steps", "1", "--eff_lr.every_n_steps", "2")
     printed = run(*tiny_args(tmp_path, "fsdp", 4, *FSDP2, *every))
     assert "route 'all': AdamW on parameter shards: elementwise" in printed
     fit(*tiny_args(tmp_path, "single", 4, *every, "--data.num_workers", "2", "--trainer.accumulate_grad_batches", "2",
@@ -79,6 +80,10 @@ def test_fsdp2_training_matches_one_process(tmp_path):
     assert scalars(tmp_path / "fsdp", "update_rel_norm/q50") == pytest.approx(
         scalars(tmp_path / "single", "update_rel_norm/q50"), rel=1e-4)
     assert not scalars(tmp_path / "fsdp", f"update/{name}/q50") and scalars(tmp_path / "single", f"update/{name}/q50")
+    for q in ("q5", "q50", "q95"):
+        eff_lr = scalars(tmp_path / "single", f"eff_lr/{name}/{q}")
+        assert list(eff_lr) == [1, 3]
+        assert scalars(tmp_path / "fsdp", f"eff_lr/{name}/{q}") == pytest.approx(eff_lr, rel=1e-4)
 
 
 # One route per sharding scheme, joined in one CompositeOptimizer: the owner scheme (Muon on the

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.tensor import DTensor
 
 from lm_opt.callbacks.optimizer import clean_name
 from lm_opt.errors import UserError
@@ -168,7 +169,8 @@ class EffectiveLRQuantiles(L.Callback):
     For a last layer whose effective lr has one value per coordinate or per row, it also logs
     the spread across logits: quantiles of each row's median, `eff_lr/<parameter>/rows/q<percent>`.
     It fires once per optimizer step, after it: with gradient accumulation the micro-batches
-    that follow see the same state and are skipped.
+    that follow see the same state and are skipped. Under FSDP2 each tensor's effective lr is
+    gathered from its shards to rank 0 (every rank takes part) before its quantiles are taken.
     """
 
     def __init__(self, every_n_steps: int = 50, histograms: bool = True):
@@ -198,14 +200,21 @@ class EffectiveLRQuantiles(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if (not self.every_n_steps or step % self.every_n_steps or step == self.logged_step
-                or not trainer.optimizers or not trainer.is_global_zero):
+        if not self.every_n_steps or step % self.every_n_steps or step == self.logged_step or not trainer.optimizers:
+            return
+        named = list(pl_module.model.named_parameters())
+        sharded = any(isinstance(p, DTensor) for _, p in named)
+        if not (trainer.is_global_zero or sharded):
             return
         self.logged_step = step
-        names = {id(p): clean_name(n) for n, p in pl_module.model.named_parameters()}
+        names = {id(p): clean_name(n) for n, p in named}
         roles = pl_module.model.param_roles()
         tags, values, histograms = [], [], {}
         for name, eff in self.effective_lrs(trainer.optimizers[0], names):
+            if isinstance(eff, DTensor):  # FSDP2: every rank sends its shard; rank 0 takes the quantiles
+                eff = eff.full_tensor()
+            if not trainer.is_global_zero:
+                continue
             tags += [f"eff_lr/{name}/q{round(q * 100)}" for q in QUANTILES]
             values.append(quantiles(eff))
             if roles[name] == "last_layer" and eff.dim() >= 1 and eff.numel() > 1:
