@@ -215,3 +215,17 @@ def test_a_micro_card_runs_end_to_end_and_resumes_without_rerunning(tmp_path, em
     card.run_card("configs/optim/adamw.yaml", "micro", tmp_path, protocol=protocol)
     assert {p: p.read_bytes() for p in folder.glob("*/summary.json")} == summaries
     assert "0 to run" in capsys.readouterr().out
+
+
+def test_baseline_grid_reruns_adamws_whole_grid_under_the_grid_seeds_and_compares_the_stable_width(tmp_path,
+                                                                                                   fake_runs):
+    card.run_card("configs/optim/adamw.yaml", "mine", tmp_path,
+                  protocol=Protocol(half_width=2, beta1=[0.9], beta1_seeds=[]), baseline_grid=True)
+    grid = ["adamw_lr1.00e-03", "adamw_lr1.78e-03", "adamw_lr3.16e-03", "adamw_lr5.62e-03", "adamw_lr0.01",
+            "adamw_lr0.0178", "adamw_lr0.0316"]  # cpu_lr's AdamW grid: 5.62e-3 +- 3 quarter-decades
+    assert sorted(n for n in fake_runs if n.startswith("adamw")) == sorted(
+        [*grid, *(f"{n}_seed1" for n in grid), "adamw_lr5.62e-03_seed2"])  # 3 seeds at its best
+    text = (tmp_path / "mine" / "card.md").read_text()
+    assert "only AdamW's best lr was rerun here" not in text
+    f2 = next(line for line in text.splitlines() if line.startswith("| lr range within 0.1 nats of the best (F2)"))
+    assert "per grid seed" in f2.split(" | ")[2] and "| rerun here | **" in f2
