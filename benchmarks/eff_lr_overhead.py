@@ -30,21 +30,34 @@ class TimedQuantiles(EffectiveLRQuantiles):
             self.events += 1
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str) -> argparse.Namespace:
+    """The overhead benchmarks' options; the first 5 steps are not timed."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=128)
     args = parser.parse_args()
     args.skip = 5
+    if args.every <= args.skip:
+        parser.error(f"--every must exceed the {args.skip} untimed warmup steps, so every event is timed")
+    return args
+
+
+def steps_per_second(args: argparse.Namespace, callbacks: list) -> float:
+    """Training steps per second of the tiny preset with AdamW and `callbacks`, logging to
+    TensorBoard in a temporary folder."""
     batches = random_batches(args.steps, args.batch_size, args.seq_len)
-    timed = TimedQuantiles(every_n_steps=args.every)
     with tempfile.TemporaryDirectory() as logs:
-        steps_per_s = lightning_steps_per_s(batches, args.steps, args.skip, args, [timed],
-                                            logger=TensorBoardLogger(logs, name="bench"))
+        return lightning_steps_per_s(batches, args.steps, args.skip, args, callbacks,
+                                     logger=TensorBoardLogger(logs, name="bench"))
+
+
+def main():
+    args = arguments(__doc__)
+    timed = TimedQuantiles(every_n_steps=args.every)
+    step = 1 / steps_per_second(args, [timed])
     per_event = timed.seconds / timed.events
-    step = 1 / steps_per_s
     print("| | seconds |")
     print("| --- | --- |")
     print(f"| training step (tiny, batch {args.batch_size} x {args.seq_len}) | {step:.3f} |")

@@ -10,15 +10,11 @@ step is the run's step time less the callbacks' time, all measured side by side 
 load the machine carries besides slows both alike.
 """
 
-import argparse
-import tempfile
 import time
 
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
-from benchmarks.eff_lr_overhead import TimedQuantiles
-from benchmarks.loop_overhead import lightning_steps_per_s, random_batches
+from benchmarks.eff_lr_overhead import TimedQuantiles, arguments, steps_per_second
 from lm_opt.callbacks.update_size import UpdateSizeQuantiles
 
 
@@ -42,20 +38,9 @@ class TimedUpdateSize(UpdateSizeQuantiles):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=128)
-    args = parser.parse_args()
-    args.skip = 5
-    if args.every <= args.skip:
-        parser.error(f"--every must exceed the {args.skip} untimed warmup steps, so every event is timed")
-    batches = random_batches(args.steps, args.batch_size, args.seq_len)
+    args = arguments(__doc__)
     sizes, eff_lr = TimedUpdateSize(every_n_steps=args.every), TimedQuantiles(every_n_steps=args.every)
-    with tempfile.TemporaryDirectory() as logs:
-        steps_per_s = lightning_steps_per_s(batches, args.steps, args.skip, args, [eff_lr, sizes],
-                                            logger=TensorBoardLogger(logs, name="bench"))
+    steps_per_s = steps_per_second(args, [eff_lr, sizes])
     timed = args.steps - args.skip
     step = (timed / steps_per_s - sizes.seconds - eff_lr.seconds) / timed
     per_size, per_eff = sizes.seconds / sizes.events, eff_lr.seconds / eff_lr.events

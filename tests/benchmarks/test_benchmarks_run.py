@@ -12,7 +12,7 @@ ROOT = Path(__file__).parents[2]
 
 SMOKE = {
     "loop_overhead": ["--steps", "3", "--skip", "1", "--rounds", "1", "--batch_size", "2", "--seq_len", "16"],
-    "eff_lr_overhead": ["--steps", "8", "--every", "2", "--batch_size", "2", "--seq_len", "16"],
+    "eff_lr_overhead": ["--steps", "8", "--every", "6", "--batch_size", "2", "--seq_len", "16"],
     "update_size_overhead": ["--steps", "8", "--every", "6", "--batch_size", "2", "--seq_len", "16"],
     "optim_memory": ["--presets", "tiny"],
     "batched_refresh": ["--dim", "16", "--count", "2", "--rounds", "1"],
