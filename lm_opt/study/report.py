@@ -110,7 +110,7 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
         plots.append(sweep_dir / "plot_curves.png")
     compared = [line for other in others for line in comparison(stable, noise, other, margin)]
     (sweep_dir / RESULTS_MD).write_text(markdown(rows, stable, findings(stable, noise), base, plots, margin, timed,
-                                                 stability_per_seed(rows, margin), compared))
+                                                 stability_per_seed(rows, margin), compared, axis))
     print(f"report: {sweep_dir / RESULTS_MD}, {RESULTS_CSV}, " + ", ".join(p.name for p in plots))
     return sweep_dir / RESULTS_MD
 

@@ -126,11 +126,50 @@ def problems_list(rows: list[Row]) -> list[str]:
         for r in problems]
 
 
+def across_panels(found: list[dict], per_seed: list[dict], axis: str) -> list[str]:
+    """Where the lines are panelled (`report --panel`), each optimizer's verdicts side by side, one
+    column per panel: its best point's difference to the reference's in that panel (beyond seed
+    noise or not) and its stable width under each grid seed, and whether the verdict is the same in
+    every panel."""
+    prefix = f"{axis}="
+
+    def order(condition: str) -> tuple:
+        tag = condition.removeprefix(prefix)
+        return (0, int(tag), "") if tag.isdigit() else (1, 0, tag)
+
+    panels = sorted({e["condition"] for e in found + per_seed if e["condition"].startswith(prefix)}, key=order)
+    if not panels:
+        return []
+    best = {(f["optimizer"], f["condition"]): f for f in found}
+    widths = {(w["optimizer"], w["condition"]): w["widths"] for w in per_seed}
+    lines = [f"## Across {axis}", "",
+             f"Each {axis}'s lines compared among themselves: the difference of each best point's seed mean to "
+             f"{REFERENCE}'s at that {axis} (beyond seed noise where the ranges part), then the stable width "
+             "under each grid seed.", "",
+             "| optimizer | " + " | ".join(panels) + " | same verdict at every " + axis + " |",
+             "|" + " --- |" * (len(panels) + 2)]
+    for optimizer in dict.fromkeys(f["optimizer"] for f in found if f["optimizer"] != REFERENCE):
+        entries = [best.get((optimizer, c)) for c in panels]
+        cells = ["" if e is None or "delta" not in e else
+                 f"{e['delta']:+.4f} ({'beyond' if e['beyond_noise'] else 'within'} noise)" for e in entries]
+        verdicts = {(e["beyond_noise"], e["beyond_noise"] and e["delta"] > 0) for e in entries if e and "delta" in e}
+        same = "" if "" in cells else ("yes" if len(verdicts) == 1 else "no")
+        lines.append(f"| {optimizer} | " + " | ".join(cells) + f" | {same} |")
+    lines += ["", "| optimizer: stable width (decades) per grid seed | " + " | ".join(panels) + " |",
+              "|" + " --- |" * (len(panels) + 1)]
+    for optimizer in dict.fromkeys(w["optimizer"] for w in per_seed):
+        cells = [", ".join("?" if w is None else f"{w:.2f}" for w in widths.get((optimizer, c), [])) for c in panels]
+        lines.append(f"| {optimizer} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(rows: list[Row], stable: list[dict], found: list[dict], base: dict | None, plots: list[Path],
              margin: float, timed: list[tuple[str, str, list[dict]]] | None = None,
-             per_seed: list[dict] | None = None, compared: list[str] | None = None) -> str:
+             per_seed: list[dict] | None = None, compared: list[str] | None = None, panel: str | None = None) -> str:
     """results.md: every section in order, the plots last."""
     lines = heading(rows, base) + findings_table(found, base)
+    if panel:
+        lines += across_panels(found, per_seed or [], panel)
     for section in timed or []:
         lines += target_section(*section, REFERENCE)
     lines += runs_table(rows, stable, base) + stability_table(stable, margin) + per_seed_table(per_seed, margin)

@@ -222,12 +222,16 @@ def test_a_panel_tag_in_the_labels_compares_each_size_within_itself_and_draws_a_
         point(tmp_path, f"{label}_lr2", label, {"lr": 1e-2}, "finished", seeds[0] + 0.3)
         for seed, loss in enumerate(seeds[1:], 1):
             point(tmp_path, f"{label}_lr1_seed{seed}", label, {"lr": 1e-3, "seed": seed}, "finished", loss)
+        point(tmp_path, f"{label}_lr2_seed1", label, {"lr": 1e-2, "seed": 1}, "finished", seeds[0] + 0.05)
     main([str(tmp_path), "--panel", r"width=_w(\d+)$"])
     md = (tmp_path / "results.md").read_text()
     section = md.split("## Best point per optimizer")[1].split("## Every run")[0]
     rows = {tuple(line.split(" | ")[:2]): line for line in section.splitlines() if line.startswith("| signum")}
     assert rows[("| signum", "width=128")].endswith("| +0.2200 | yes |")
     assert rows[("| signum", "width=256")].endswith("| +0.0100 | no |")
+    across = md.split("## Across width")[1].split("##")[0]
+    assert "| signum | +0.2200 (beyond noise) | +0.0100 (within noise) | no |" in across
+    assert "| adamw | 0.00, 1.00 | 0.00, 1.00 |" in across  # within 0.05 nats: one lr under seed 0, both under 1
     assert {r["width"] for r in csv.DictReader(open(tmp_path / "results.csv"))} == {"128", "256"}
     assert (tmp_path / "plot_lr.png").stat().st_size > 0
     with pytest.raises(SystemExit):
