@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -229,3 +230,12 @@ def test_baseline_grid_reruns_adamws_whole_grid_under_the_grid_seeds_and_compare
     assert "only AdamW's best lr was rerun here" not in text
     f2 = next(line for line in text.splitlines() if line.startswith("| lr range within 0.1 nats of the best (F2)"))
     assert "per grid seed" in f2.split(" | ")[2] and "| rerun here | **" in f2
+
+
+@pytest.mark.parametrize("config", sorted(Path("configs/cards").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_shipped_card_setups_resolve_to_a_run_of_their_package_optimizer(config, tmp_path):
+    setup = card.Card(str(config), config.stem, tmp_path, Protocol(), jobs=2)
+    (centre,) = [p for p in setup.grid() if p.values["lr"] == setup.center]
+    resolved = card.validate(centre)
+    optimizer = resolved["trainer"]["callbacks"][0]["init_args"]["optimizer"]
+    assert optimizer["class_path"].startswith("pytorch_optimizer.") and setup.has_beta1
