@@ -26,7 +26,8 @@ only where their seed ranges do not overlap.
 import argparse
 from pathlib import Path
 
-from lm_opt.record import POINT_FILE, RESULTS_CSV, RESULTS_MD, SUMMARY_FILE, read_baseline, read_config, write_baseline
+from lm_opt.record import (POINT_FILE, RESULTS_CSV, RESULTS_MD, SPEC_FILE, SUMMARY_FILE, read_baseline, read_config,
+                           write_baseline)
 from lm_opt.study.plots import plot
 from lm_opt.study.rows import Row, labelled, load_rows, panelled, x_axis
 from lm_opt.study.stats import REFERENCE, best_runs, findings, seed_noise, stability, stability_per_seed
@@ -115,10 +116,26 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
     return sweep_dir / RESULTS_MD
 
 
+def spec_report_options(sweep_dir: Path) -> dict:
+    """The `report:` options of the spec the sweep in `sweep_dir` ran (its copy there), if any."""
+    import yaml
+
+    from lm_opt.study.sweep_plan import SpecError, report_options
+
+    path = sweep_dir / SPEC_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return report_options((yaml.safe_load(path.read_text()) or {}).get("report"))
+    except (yaml.YAMLError, SpecError, AttributeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm_opt report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="a sweep's out_dir, e.g. logs/sweeps/tiny_cpu")
-    parser.add_argument("--margin", type=float, default=0.05, help="nats above the best loss that count as stable")
+    parser.add_argument("--margin", type=float, help="nats above the best loss that count as stable (default: the "
+                                                      "sweep spec's report.margin, else 0.05)")
     parser.add_argument("--target", nargs="+", help=f"steps to these losses: a setup's label (its mean final loss "
                                                     f"over seeds) or a number; default {REFERENCE} where the runs "
                                                     "have validation curves")
@@ -127,9 +144,12 @@ def main(argv: list[str] | None = None) -> None:
                              "lines join the plots, dashed, and a table compares each line's best")
     parser.add_argument("--panel", metavar="AXIS=REGEX",
                         help="lines whose labels carry a tag, e.g. 'width=_w(\\d+)$' for adamw_w128: each tag's "
-                             "lines compared among themselves and drawn in a panel of their own")
+                             "lines compared among themselves and drawn in a panel of their own (default: the "
+                             "sweep spec's report.panel)")
     args = parser.parse_args(argv)
     try:
-        write_report(args.sweep_dir, args.margin, args.target, args.compare, args.panel)
+        options = spec_report_options(Path(args.sweep_dir))
+        margin = args.margin if args.margin is not None else options.get("margin", 0.05)
+        write_report(args.sweep_dir, margin, args.target, args.compare, args.panel or options.get("panel"))
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))

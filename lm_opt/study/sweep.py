@@ -356,7 +356,7 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
     for name, problem in results.items():
         if problem:
             print(f"CRASHED {name}: {problem}; log: {spec['out_dir'] / name / LOG_FILE}; rerun the sweep to retry")
-    write_report(spec["out_dir"])
+    write_report(spec["out_dir"], **spec["report"])
     return results
 
 

@@ -35,7 +35,9 @@ import yaml
 from lm_opt.errors import UserError, invalid_yaml
 from lm_opt.record import OPTIMIZER_YAML
 
-SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "overrides")
+SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "overrides", "report")
+REPORT_KEYS = ("margin", "panel")
+"""A spec's `report:` options (lm_opt.study.report.write_report), the defaults of `report` on its folder."""
 OPTIMIZER_KEYS = ("config", "grid", "overrides")
 OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""
@@ -125,6 +127,19 @@ def _word(value: Any) -> bool:
     return re.fullmatch(r"[\w.+-]+", str(value)) is not None
 
 
+def report_options(options: Any) -> dict[str, Any]:
+    """A spec's `report:` mapping, checked: `margin` a positive number, `panel` an `AXIS=REGEX` string."""
+    options = _mapping(options or {}, "report")
+    _check_keys(options, REPORT_KEYS, "report")
+    margin = options.get("margin", 0.05)
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin <= 0:
+        raise SpecError(f"report.margin: needs a positive number of nats, got {margin!r}")
+    panel = options.get("panel")
+    if panel is not None and (not isinstance(panel, str) or "=" not in panel):
+        raise SpecError(f"report.panel: needs AXIS=REGEX, e.g. 'width=_w(\\d+)$', got {panel!r}")
+    return options
+
+
 def load_spec(path: str | Path) -> dict:
     """Read and check a spec; every error names the key it is about."""
     if not Path(path).is_file():
@@ -151,6 +166,7 @@ def load_spec(path: str | Path) -> dict:
         raise SpecError(f"seeds {spec['seeds']} and grid_seeds {spec['grid_seeds']} share a seed; "
                         "a point would run twice")
     spec["overrides"] = _mapping(spec.get("overrides") or {}, "overrides")
+    spec["report"] = report_options(spec.get("report"))
     optimizers = _mapping(spec.get("optimizers"), "optimizers")
     if not optimizers:
         raise SpecError("optimizers: needs at least one optimizer")

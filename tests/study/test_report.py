@@ -223,7 +223,8 @@ def test_a_panel_tag_in_the_labels_compares_each_size_within_itself_and_draws_a_
         for seed, loss in enumerate(seeds[1:], 1):
             point(tmp_path, f"{label}_lr1_seed{seed}", label, {"lr": 1e-3, "seed": seed}, "finished", loss)
         point(tmp_path, f"{label}_lr2_seed1", label, {"lr": 1e-2, "seed": 1}, "finished", seeds[0] + 0.05)
-    main([str(tmp_path), "--panel", r"width=_w(\d+)$"])
+    (tmp_path / "sweep.yaml").write_text("name: synthetic\nreport: {margin: 0.05, panel: 'width=_w(\\d+)$'}\n")
+    main([str(tmp_path)])  # the options of the spec the sweep ran: its copy in the folder
     md = (tmp_path / "results.md").read_text()
     section = md.split("## Best point per optimizer")[1].split("## Every run")[0]
     rows = {tuple(line.split(" | ")[:2]): line for line in section.splitlines() if line.startswith("| signum")}

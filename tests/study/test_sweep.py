@@ -207,6 +207,9 @@ def test_each_lines_best_point_runs_again_with_every_seed(tmp_path, monkeypatch)
     ({"optimizers": {"adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [-1.0]}}}},
      "point adamw_lr--1: its optimizer cannot be built"),
     ({"seeds": [1, 1]}, "seeds: needs a list of distinct integers"),
+    ({"report": {"margin": -0.1}}, "report.margin: needs a positive number"),
+    ({"report": {"panel": "width"}}, "report.panel: needs AXIS=REGEX"),
+    ({"report": {"margn": 0.1}}, "report: unknown key(s) ['margn']"),
 ])
 def test_spec_errors_are_reported_before_anything_runs(tmp_path, capsys, no_launch, change, message):
     with pytest.raises(SystemExit) as exit_:
