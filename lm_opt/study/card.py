@@ -186,12 +186,13 @@ class Card:
 
     def timing(self, best: Point) -> dict:
         """Step time of the best point's optimizer against AdamW's, side by side in this process
-        (benchmarks.train_step's alternating rounds); cached in timing.json."""
+        (lm_opt.study.step_time's alternating rounds); cached in timing.json."""
         cached = self.dir / "timing.json"
         key = {"optimizer": best.optimizer_yaml, "threads": threads_per_job(self.jobs), "precision": self.precision,
                "steps": self.protocol.timing_steps, "rounds": self.protocol.timing_rounds}
-        if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
-            return json.loads(cached.read_text())
+        previous = json.loads(cached.read_text()) if cached.is_file() else {}
+        if previous.get("key") == key:
+            return previous
         result = {"key": key, **time_steps(best, self.protocol, self.precision, key["threads"])}
         cached.write_text(json.dumps(result, indent=1))
         return result
