@@ -26,7 +26,7 @@ from lm_opt.precision import cpu_arithmetic, resolve
 from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, Protocol, baseline_usable, extension, lr_value
 from lm_opt.record import read_summary
 from lm_opt.study.reuse import done_runs
-from lm_opt.study.sweep import check_one_cpu_kind, execute, prepare, seed_points, threads_per_job
+from lm_opt.study.sweep import check_one_cpu_kind, commit_files, execute, prepare, seed_points, threads_per_job
 from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, command_endings, get_path, optimizer_path,
                                      plan, validate, with_seed)
 
@@ -68,8 +68,8 @@ class Card:
     """The runs of one card: its grid (by quarter-decade step k), seeds, beta1 line and baselines."""
 
     def __init__(self, config: str, name: str, out_root: Path, protocol: Protocol, jobs: int,
-                 baseline_grid: bool = False):
-        self.config, self.name, self.protocol, self.jobs = config, name, protocol, jobs
+                 baseline_grid: bool = False, commit: bool = False):
+        self.config, self.name, self.protocol, self.jobs, self.commit = config, name, protocol, jobs, commit
         self.dir = out_root / name
         self.center, self.has_beta1 = optimizer_lr(config)
         self.ks: list[int] = list(range(-protocol.half_width, protocol.half_width + 1))
@@ -130,11 +130,11 @@ class Card:
 
     def run(self, points: list[Point], sweep: str | None = None) -> None:
         """Write and run the points not done yet (a copy of a same-config record where one exists)."""
-        todo = prepare(points, {"name": sweep or self.name}, self.reusable())
+        todo = prepare(points, {"name": sweep or self.name}, self.reusable(), self.commit)
         print(f"card {self.name}: {len(points) - len(todo)} of {len(points)} points done already, {len(todo)} to run",
               flush=True)
         if todo:
-            for name, problem in execute(todo, self.jobs).items():
+            for name, problem in execute(todo, self.jobs, self.commit).items():
                 if problem:
                     self.problems[name] = problem
 
@@ -177,7 +177,7 @@ class Card:
             return {"usable": usable, "grid": grid, "best": None}
         self.run(self.checked([with_seed(p, s) for s in self.protocol.grid_seeds for p in grid]
                          + [with_seed(best, s) for s in self.protocol.best_seeds]))
-        if self.has_beta1:
+        if self.has_beta1 and self.protocol.beta1:
             line = self.checked(self.beta1_points(best.values["lr"]))
             self.run(line)
             self.run(seed_points(line, self.protocol.beta1_seeds))
@@ -245,7 +245,7 @@ def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) ->
 
 
 def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/cards", jobs: int = 1,
-             protocol: Protocol | None = None, baseline_grid: bool = False) -> Card:
+             protocol: Protocol | None = None, baseline_grid: bool = False, commit: bool = False) -> Card:
     """Run (or resume) the card's points and write its card.md; returns the card."""
     from lm_opt.study.card_write import write_card
 
@@ -255,11 +255,13 @@ def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/
     if not re.fullmatch(r"[\w.+-]+", name):
         raise SpecError(f"--name must be a word like 'adamw' (it names the card's folder), got {name!r}")
     start = time.time()
-    card = Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid)
+    card = Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid, commit)
     ran = card.run_all()
     for point, problem in card.problems.items():
         print(f"CRASHED {point}: {problem}; rerun the card to retry", flush=True)
     write_card(card, ran, time.time() - start)
+    if commit:
+        commit_files(card.dir, f"card {name}: card.md, results.csv and figures")
     return card
 
 
@@ -273,8 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-grid", action="store_true",
                         help="where the baselines are rerun: AdamW's whole cpu_lr grid under 2 seeds too (14 runs "
                              "more), so that the stable width is compared on this CPU kind")
+    parser.add_argument("--commit", action="store_true",
+                        help="git-commit each point's record (not its checkpoints) as soon as it is done, and the card")
     args = parser.parse_args(argv)
     with command_endings("card"):
-        card = run_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid)
+        card = run_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid,
+                        commit=args.commit)
     if card.problems:
         raise SystemExit(1)

@@ -99,18 +99,25 @@ def recorded_command(run_dir: Path) -> list[str] | None:
 
 def commit_record(point: Point) -> None:
     """Commit a done point's folder, less checkpoints and event files, and nothing else that is staged."""
-    files = [str(f) for f in sorted(point.run_dir.iterdir()) if f.is_file() and not f.name.startswith("events.out")]
     summary = read_summary(point.run_dir)
     loss = summary.final_val_loss
-    message = f"{point.run_dir.parent.name}: {point.name} {summary.status}" + (
-        "" if loss is None else f" (final val loss {loss:.4f})")
+    commit_files(point.run_dir, f"{point.run_dir.parent.name}: {point.name} {summary.status}" + (
+        "" if loss is None else f" (final val loss {loss:.4f})"))
+
+
+def commit_files(folder: Path, message: str) -> None:
+    """Commit the files directly in `folder` (not its subfolders or event files), ignored or not, and
+    nothing else that is staged, to the repository that holds `folder`; a failure is a warning (the
+    files stay on disk)."""
+    files = [f.name for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith("events.out")]
+    git = ["git", "-C", str(folder)]
     try:
-        subprocess.run(["git", "add", "--force", "--", *files], check=True, capture_output=True, text=True)
-        subprocess.run(["git", "commit", "--quiet", "-m", message, "--", *files], check=True, capture_output=True,
+        subprocess.run([*git, "add", "--force", "--", *files], check=True, capture_output=True, text=True)
+        subprocess.run([*git, "commit", "--quiet", "-m", message, "--", *files], check=True, capture_output=True,
                        text=True)
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        print(f"warning: could not commit {point.run_dir}: {str(detail).strip()}", flush=True)
+        print(f"warning: could not commit {folder}: {str(detail).strip()}", flush=True)
 
 
 def write_point(point: Point, sweep: str, copied_from: Path | None = None) -> Path:

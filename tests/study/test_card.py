@@ -136,6 +136,25 @@ def test_a_card_grows_its_grid_then_runs_seeds_beta1_and_the_baselines_it_cannot
     assert fake_runs == []  # a rerun resumes: every point is done
 
 
+def test_commit_records_each_point_as_it_is_done_then_the_card(tmp_path, fake_runs, monkeypatch):
+    """`card --commit`, as `sweep --commit`: a card longer than a sitting keeps what it finished."""
+    for variable in ("GIT_AUTHOR", "GIT_COMMITTER"):
+        monkeypatch.setenv(f"{variable}_NAME", "lm_opt tests")
+        monkeypatch.setenv(f"{variable}_EMAIL", "tests@lm-opt.invalid")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("logs/*\n")
+    card.run_card("configs/optim/adamw.yaml", "mine", tmp_path / "logs" / "cards", protocol=Protocol(
+        half_width=1, grid_seeds=[], best_seeds=[], beta1=[]), commit=True)
+    log = subprocess.run(["git", "-C", str(tmp_path), "log", "--format=%s"], check=True, capture_output=True,
+                         text=True).stdout.splitlines()
+    assert log[0] == "card mine: card.md, results.csv and figures"
+    points = [n for n in fake_runs if n.startswith("mine_")]
+    assert sorted(line.split(" ")[1] for line in log[1:] if line.startswith("mine:")) == sorted(points)
+    files = subprocess.run(["git", "-C", str(tmp_path), "ls-files"], check=True, capture_output=True, text=True).stdout
+    assert "logs/cards/mine/card.md" in files and "logs/cards/mine/results.csv" in files
+    assert f"logs/cards/mine/{points[0]}/summary.json" in files and "checkpoints" not in files
+
+
 def test_the_grid_stops_where_the_high_side_diverges_and_no_beta1_without_one(tmp_path, fake_runs):
     (tmp_path / "adagrad.yaml").write_text(
         "trainer:\n  callbacks:\n    - class_path: lm_opt.callbacks.OptimizerCallback\n      init_args:\n"
