@@ -37,11 +37,25 @@ def code_version() -> dict[str, Any]:
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+        versions[name] = installed_version(name)
     return versions
+
+
+def optimizer_packages(modules: list[str]) -> dict[str, str | None]:
+    """Distribution -> version of the packages the optimizer classes come from (their `__module__`
+    or a `class_path`'s module), outside torch and lm_opt: a card of a third-party optimizer is
+    reproducible only with the version it ran."""
+    owners = metadata.packages_distributions()
+    tops = {m.split(".")[0] for m in modules} - {"torch", "lm_opt", "builtins", "__main__"}
+    return {dist: installed_version(dist) for top in sorted(tops) for dist in owners.get(top, [top])}
+
+
+def installed_version(distribution: str) -> str | None:
+    """The distribution's installed version; None for a module of the user's own that none installed."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def cpu_name() -> str:
@@ -70,7 +84,10 @@ def device(trainer: L.Trainer) -> dict[str, Any]:
     return record
 
 
-def provenance(trainer: L.Trainer, data: Any) -> dict[str, Any]:
-    """The record's `provenance`: code, packages, device and, where the data module says, its data."""
+def provenance(trainer: L.Trainer, data: Any, optimizer_classes: list[type] = ()) -> dict[str, Any]:
+    """The record's `provenance`: code, packages (with those of third-party optimizer classes),
+    device and, where the data module says, its data."""
     identity = data.identity() if hasattr(data, "identity") else None
-    return {"code": code_version(), "packages": package_versions(), "device": device(trainer), "data": identity}
+    return {"code": code_version(), "packages": package_versions(),
+            "optimizer_packages": optimizer_packages([c.__module__ for c in optimizer_classes]),
+            "device": device(trainer), "data": identity}

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lm_opt import record
 from lm_opt.callbacks.divergence import Diverged
+from lm_opt.callbacks.optimizer import OptimizerCallback
 from lm_opt.optim.state import state_bytes
 from lm_opt.provenance import provenance
 
@@ -59,7 +60,8 @@ class RunRecord(SaveConfigCallback):
         self.step_times: list[float] = []
         self.step_start: float | None = None
         # Read when the run starts: the checkout may change while it runs.
-        self.provenance = provenance(trainer, trainer.datamodule) if trainer.is_global_zero else None
+        classes = [c for cb in trainer.callbacks if isinstance(cb, OptimizerCallback) for c in cb.classes]
+        self.provenance = provenance(trainer, trainer.datamodule, classes) if trainer.is_global_zero else None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:

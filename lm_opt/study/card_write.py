@@ -8,7 +8,10 @@ precision is never compared (lm_opt.study.card_plan.baseline_usable).
 import re
 from pathlib import Path
 
+import yaml
+
 from lm_opt.precision import cpu_arithmetic, describe
+from lm_opt.provenance import optimizer_packages
 from lm_opt.record import SUMMARY_FILE
 from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, loss_at, loss_verdict, stability_verdict
 from lm_opt.study.plots import plot
@@ -16,7 +19,7 @@ from lm_opt.study.report import baseline
 from lm_opt.study.rows import labelled, load_rows, show
 from lm_opt.study.stats import best_runs, seed_noise, stability, stability_per_seed
 from lm_opt.study.tables import write_csv
-from lm_opt.study.sweep_plan import format_value
+from lm_opt.study.sweep_plan import callback_init_args, format_value
 from lm_opt.study.target import plot_curves, time_to_target
 
 STEP_TARGET = 100
@@ -258,6 +261,27 @@ def runs_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def class_paths_line(config: str) -> str:
+    """The optimizer classes the YAML names (nested objects too), with their third-party packages'
+    versions (lm_opt.provenance.optimizer_packages)."""
+    found: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("class_path"), str):
+                found.append(node["class_path"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(callback_init_args(yaml.safe_load(Path(config).read_text()), config))
+    packages = optimizer_packages([path.rpartition(".")[0] for path in found])
+    versions = ", ".join(f"{name} {version}" for name, version in packages.items())
+    return ", ".join(f"`{path}`" for path in dict.fromkeys(found)) + (f" ({versions})" if versions else "")
+
+
 def protocol_lines(card, rows: list[dict], usable: dict, elapsed: float) -> list[str]:
     p = card.protocol
     overrides = ", ".join(f"{k} {v}" for k, v in p.overrides.items())
@@ -265,6 +289,7 @@ def protocol_lines(card, rows: list[dict], usable: dict, elapsed: float) -> list
     lines = [f"`python -m lm_opt card {card.config}`: the CPU study's protocol (`cpu_lr`, `cpu_beta1`) on "
              f"{', '.join(p.base)} with {overrides}; precision {card.precision} on this CPU "
              f"({describe(cpu_arithmetic())}).", "",
+             f"- optimizer: {class_paths_line(card.config)}.",
              f"- lr grid in quarter decades around the YAML's lr {card.center:g}: {', '.join(show(x) for x in lrs)}; "
              + "; ".join(card.log) + ".",
              f"- the grid again under seeds {p.grid_seeds} (the stable width's noise); seeds {p.best_seeds} more at "

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from lm_opt.precision import cpu_arithmetic, resolve, same_kind
-from lm_opt.provenance import cpu_name, package_versions
+from lm_opt.provenance import cpu_name, installed_version, package_versions
 from lm_opt.record import POINT_FILES, sweep_runs
 from lm_opt.study.sweep_plan import DONE, Point
 
@@ -40,12 +40,15 @@ def run_key(config: dict, precision: str | None = None) -> str:
 
 def done_runs(sweeps_root: Path, threads: int) -> dict[str, Path]:
     """run_key -> folder, for each done CPU run under `sweeps_root/<sweep>/<point>` made on this CPU
-    model and kind, with these packages and `threads` threads."""
+    model and kind, with these packages (its optimizer's package's version included) and `threads`
+    threads."""
     packages, cpu, arithmetic = package_versions(), cpu_name(), cpu_arithmetic()
     runs = {}
     for run_dir, summary in sweep_runs(sweeps_root):
-        device = summary.device
-        if (summary.status in DONE and summary.config and (summary.provenance or {}).get("packages") == packages
+        device, provenance = summary.device, summary.provenance or {}
+        foreign = provenance.get("optimizer_packages") or {}
+        if (summary.status in DONE and summary.config and provenance.get("packages") == packages
+                and all(installed_version(d) == v for d, v in foreign.items())
                 and device.get("type") == "cpu" and device.get("name") == cpu and device.get("threads") == threads
                 and same_kind(device.get("arithmetic"), arithmetic)):
             runs.setdefault(run_key(summary.config, device.get("precision")), run_dir)

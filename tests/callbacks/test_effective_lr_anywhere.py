@@ -3,8 +3,10 @@ read from their state (step counter in the state or in the group), against a dir
 and against the step each really took; a notice for those without one; and an end-to-end run of
 pytorch-optimizer classes given by class_path in YAML, logging both diagnostics."""
 
+import json
 import logging
 import math
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -189,6 +191,9 @@ def test_a_pytorch_optimizer_run_by_class_path_logs_effective_lrs_from_its_state
             # Every parameter's step size, whichever route took it (the size itself: test_update_size.py).
             assert set(scalars(run, f"update/{name}/rel_norm")) == {2}
             assert set(scalars(run, f"update/{name}/q50")) == {2}
+    # The record names the third-party package's version, as it names torch's.
+    record = json.loads((run / "summary.json").read_text())["provenance"]
+    assert record["optimizer_packages"] == {"pytorch_optimizer": metadata.version("pytorch_optimizer")}
     notices = [r.getMessage() for r in caplog.records if "exposes no effective lr" in r.getMessage()]
     assert notices == ["eff_lr: route 'rest': pytorch_optimizer.optimizer.lion.Lion exposes no effective lr (no "
                        "effective_lr method, no Adam-style exp_avg_sq in its state); the update-size diagnostic "

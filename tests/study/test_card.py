@@ -3,6 +3,7 @@ where the optimizer has one, the choice of baselines by CPU kind, the verdicts, 
 records, and one micro card end to end that resumes without rerunning its points."""
 
 import csv
+import importlib.metadata
 import json
 import math
 import subprocess
@@ -121,6 +122,7 @@ def test_a_card_grows_its_grid_then_runs_seeds_beta1_and_the_baselines_it_cannot
         "adamw_lr5.62e-03", "adamw_lr5.62e-03_seed1", "adamw_lr5.62e-03_seed2"]
     assert (tmp_path / "mine" / "baselines" / "adamw_lr5.62e-03" / "command.sh").is_file()
     text = (tmp_path / "mine" / "card.md").read_text()
+    assert "- optimizer: `torch.optim.AdamW`." in text
     assert "`logs/sweeps/cpu_lr`: not used, made on another CPU kind" in text
     assert "So the card reran AdamW" in text and "cpu_lr" in text
     assert "| best lr: final val loss, mean (range) over seeds | 0.01: 5.0100 (5.0000 .. 5.0200, 3 seeds)" in text
@@ -258,3 +260,5 @@ def test_the_shipped_card_setups_resolve_to_a_run_of_their_package_optimizer(con
     resolved = card.validate(centre)
     optimizer = resolved["trainer"]["callbacks"][0]["init_args"]["optimizer"]
     assert optimizer["class_path"].startswith("pytorch_optimizer.") and setup.has_beta1
+    version = importlib.metadata.version("pytorch_optimizer")
+    assert card_write.class_paths_line(config) == f"`{optimizer['class_path']}` (pytorch_optimizer {version})"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lm_opt import precision
 from lm_opt.precision import cpu_arithmetic
-from lm_opt.provenance import cpu_name, package_versions
+from lm_opt.provenance import cpu_name, installed_version, package_versions
 from lm_opt.study import reuse
 
 CONFIG = {"seed_everything": 0, "trainer": {"precision": "bf16-mixed", "logger": {
@@ -56,8 +56,13 @@ def test_only_done_runs_of_this_cpu_threads_and_packages_are_offered(tmp_path, m
     summary = json.loads((old / "summary.json").read_text())
     summary["provenance"]["packages"]["torch"] = "2.0.0"
     (old / "summary.json").write_text(json.dumps(summary))
+    for point, version in [("p8", "0.0.1"), ("p9", installed_version("pytorch_optimizer"))]:
+        run = write_run(tmp_path, "c", point, config(float(point[1:])))
+        summary = json.loads((run / "summary.json").read_text())
+        summary["provenance"]["optimizer_packages"] = {"pytorch_optimizer": version}  # a third-party optimizer's
+        (run / "summary.json").write_text(json.dumps(summary))
     runs = reuse.done_runs(tmp_path, threads=1)
-    assert sorted(runs.values()) == [good, diverged]
+    assert sorted(runs.values()) == [good, diverged, tmp_path / "c" / "p9"]
     assert runs[reuse.run_key(config(1.0))] == good
 
 
