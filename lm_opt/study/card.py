@@ -25,7 +25,7 @@ import yaml
 from lm_opt.precision import cpu_arithmetic, resolve
 from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, Protocol, baseline_usable, extension, lr_value
 from lm_opt.record import read_summary
-from lm_opt.study.reuse import done_runs
+from lm_opt.study.reuse import known_runs
 from lm_opt.study.sweep import check_one_cpu_kind, commit_files, execute, prepare, seed_points, threads_per_job
 from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, command_endings, get_path, optimizer_path,
                                      plan, validate, with_seed)
@@ -122,11 +122,7 @@ class Card:
     def reusable(self) -> dict[str, Path]:
         """Done runs of this CPU, threads and packages (lm_opt.study.reuse) in the committed sweeps, the
         cards and their baselines, this card's included: a point of the same config takes a copy."""
-        runs, threads = {}, threads_per_job(self.jobs)
-        for root in [COMMITTED, self.dir.parent, *sorted(self.dir.parent.glob("*"))]:
-            for key, source in (done_runs(root, threads) if root.is_dir() else {}).items():
-                runs.setdefault(key, source)
-        return runs
+        return known_runs(COMMITTED, threads_per_job(self.jobs), self.dir.parent)
 
     def run(self, points: list[Point], sweep: str | None = None) -> None:
         """Write and run the points not done yet (a copy of a same-config record where one exists)."""

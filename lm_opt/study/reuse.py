@@ -55,6 +55,17 @@ def done_runs(sweeps_root: Path, threads: int) -> dict[str, Path]:
     return runs
 
 
+def known_runs(sweeps_root: Path, threads: int, cards_root: Path | None = None) -> dict[str, Path]:
+    """done_runs of the sweeps under `sweeps_root` (logs/sweeps), then of the cards under
+    `cards_root` (default: `logs/cards` beside it) and of their baselines: the first of each config."""
+    cards_root = sweeps_root.parent / "cards" if cards_root is None else cards_root
+    runs: dict[str, Path] = {}
+    for root in [sweeps_root, cards_root, *sorted(cards_root.glob("*"))]:
+        for key, source in (done_runs(root, threads) if root.is_dir() else {}).items():
+            runs.setdefault(key, source)
+    return runs
+
+
 def copy_record(source: Path, point: Point) -> None:
     """`source`'s files (not its checkpoints) into the point's folder, which has no run of its own."""
     point.run_dir.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from lm_opt.precision import cpu_arithmetic, describe, same_kind
 from lm_opt.record import (COMMAND_FILE, LOG_FILE, OPTIMIZER_YAML, SPEC_FILE, SUMMARY_FILE, PointRecord, read_point,
                            read_summary, write_point as write_point_record)
 from lm_opt.study.report import write_report
-from lm_opt.study.reuse import copy_record, done_runs, run_key
+from lm_opt.study.reuse import copy_record, known_runs, run_key
 from lm_opt.study.sweep_plan import (DONE, Point, SpecError, command_endings, line_of, load_spec, plan, validate,
                                      with_seed)
 
@@ -285,7 +285,7 @@ def threads_per_job(jobs: int) -> int:
 
 def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None, commit: bool = False) -> list[Point]:
     """Write the (validated) points' folders; returns those still to run. A point not done whose
-    config matches one of `runs` (`lm_opt.study.reuse.done_runs`) gets that run's record instead."""
+    config matches one of `runs` (`lm_opt.study.reuse.known_runs`) gets that run's record instead."""
     states = {p.name: point_state(p.run_dir) for p in points}
     for point in points:  # a done point keeps the record of what it ran
         fresh = states[point.name] == "start" and runs and point.resolved
@@ -350,7 +350,7 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
         return {}
     if not gpu_slots() and not any_cpu:
         check_one_cpu_kind(points)
-    runs = done_runs(spec["out_dir"].parent, threads_per_job(jobs)) if reuse and not gpu_slots() else {}
+    runs = known_runs(spec["out_dir"].parent, threads_per_job(jobs)) if reuse and not gpu_slots() else {}
     todo = prepare(points, spec, runs, commit)
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
     results = execute(todo, jobs, commit) if todo else {}

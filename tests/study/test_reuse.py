@@ -84,3 +84,18 @@ def test_auto_precision_matches_the_precision_this_machine_resolves_it_to(monkey
         monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
         assert reuse.run_key(auto) == reuse.run_key(CONFIG, used) == reuse.run_key(auto, used)
         assert reuse.run_key(auto) != reuse.run_key(CONFIG, "32-true" if native else "bf16-mixed")
+
+
+def test_a_sweep_reuses_the_cards_runs_and_their_baselines_and_a_card_the_sweeps(tmp_path):
+    """logs/sweeps and logs/cards are one pool of runs: a card's grid seed is a scale sweep's point."""
+    def config(lr):
+        return CONFIG | {"model": {"lr": lr}}
+
+    sweeps, cards = tmp_path / "logs" / "sweeps", tmp_path / "logs" / "cards"
+    in_sweep = write_run(sweeps, "cpu_lr", "adamw_lr1", config(1.0))
+    write_run(cards, "adamw", "adamw_lr1", config(1.0))  # the same run again: the sweep's comes first
+    in_card = write_run(cards, "mine", "mine_lr2", config(2.0))
+    in_baselines = write_run(cards / "mine", "baselines", "adamw_lr3", config(3.0))
+    runs = reuse.known_runs(sweeps, threads=1)
+    assert runs == {reuse.run_key(config(1.0)): in_sweep, reuse.run_key(config(2.0)): in_card,
+                    reuse.run_key(config(3.0)): in_baselines}
