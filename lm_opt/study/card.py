@@ -16,6 +16,7 @@ too) into `out/<name>/baselines/`, and compares nothing with records of another 
 import argparse
 import json
 import re
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -135,14 +136,15 @@ class Card:
                     self.problems[name] = problem
 
     def lr_grid(self) -> list[Point]:
-        """Grow the seed-0 grid one quarter-decade at a time until its best point is bracketed."""
+        """Grow the seed-0 grid one quarter-decade at a time until its best point is bracketed and its
+        stable range ends inside it (card_plan.extension)."""
         grown = {-1: 0, 1: 0}
         while True:
             points = self.grid()
             self.run(self.checked(points))
             results = {k: {"status": s.status, "final_val_loss": s.final_val_loss}
                        for k, s in zip(self.ks, (read_summary(p.run_dir) for p in points))}
-            k, why = extension(results)
+            k, why = extension(results, self.protocol.margin)
             if k is None:
                 self.log.append(why)
                 return points
@@ -217,7 +219,8 @@ def optimizer_callback(source: dict, label: str):
 
 def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) -> dict:
     """Median seconds per step of AdamW and of the card's optimizer (the best point's YAML), in
-    alternating rounds on the best point's preset, batch and sequence length, random tokens."""
+    alternating rounds on the best point's preset, batch and sequence length, random tokens; their
+    ratio is the median of the rounds' ratios (a shared machine's drift cancels within a round)."""
     import torch
 
     from lm_opt.study.step_time import medians, side_by_side
@@ -236,8 +239,8 @@ def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) ->
                                warmup=protocol.timing_warmup, rounds=protocol.timing_rounds, **shape)
     finally:
         torch.set_num_threads(previous)
-    step = medians(seconds)
-    return {"step_s": step, "rounds_s": seconds, "ratio": step["card"] / step[REFERENCE], "threads": threads, **shape}
+    ratio = statistics.median(card / adamw for card, adamw in zip(seconds["card"], seconds[REFERENCE]))
+    return {"step_s": medians(seconds), "rounds_s": seconds, "ratio": ratio, "threads": threads, **shape}
 
 
 def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/cards", jobs: int = 1,

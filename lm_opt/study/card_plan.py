@@ -61,7 +61,7 @@ class Protocol:
     timing_steps: int = 20
     """Timed steps per round of the side-by-side step-time run (after `timing_warmup`)."""
     timing_warmup: int = 3
-    timing_rounds: int = 3
+    timing_rounds: int = 5
 
 
 def lr_value(center: float, k: int) -> float:
@@ -72,11 +72,13 @@ def lr_value(center: float, k: int) -> float:
     return float(f"{exact:.3g}")
 
 
-def extension(results: dict[int, dict]) -> tuple[int | None, str]:
+def extension(results: dict[int, dict], margin: float) -> tuple[int | None, str]:
     """The next quarter-decade step k to run, or None, and why, from the summaries of the grid's
-    points by k (status and final_val_loss). The best point needs a finished neighbour on both
-    sides, or a diverged one above it (the high side diverges); a best point at an end of the grid
-    grows the grid there; a grid that diverged everywhere grows downward."""
+    points by k (status and final_val_loss). First the best point needs a finished neighbour on both
+    sides, or a diverged one above it (the high side diverges): a best point at an end of the grid
+    grows the grid there, and a grid that diverged everywhere grows downward. Then F2's stable range
+    (within `margin` of the best) needs an end on both sides: an end point of the grid within the
+    margin grows the grid past it, so that the width is measured, not a lower bound."""
     if any(r.get("status") not in DONE for r in results.values()):
         return None, "not done: a point crashed or has not run"
     finished = {k: r["final_val_loss"] for k, r in results.items()
@@ -91,9 +93,14 @@ def extension(results: dict[int, dict]) -> tuple[int | None, str]:
         return best - 1, "the best lr is the grid's lowest: one quarter-decade lower"
     if best - 1 not in finished:
         return None, "not bracketed: the lr below the best diverged"
+    stable = [k for k, loss in finished.items() if loss <= finished[best] + margin]
+    if ks[-1] in stable:
+        return ks[-1] + 1, f"the range within {margin:g} nats of the best reaches the grid's highest lr: one higher"
+    if ks[0] in stable:
+        return ks[0] - 1, f"the range within {margin:g} nats of the best reaches the grid's lowest lr: one lower"
     if best + 1 not in finished:
         return None, "bracketed below by a finished point; the high side diverges"
-    return None, "bracketed: a finished neighbour on both sides"
+    return None, "bracketed: a finished neighbour on both sides, and the stable range ends inside the grid"
 
 
 def record_kind(summaries: list[dict]) -> tuple[dict | None, str | None, str | None]:

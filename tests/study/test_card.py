@@ -34,14 +34,18 @@ def finished(loss):
 @pytest.mark.parametrize("losses,step,why", [
     ({-1: 5.0, 0: 4.9, 1: 4.8}, 2, "highest"),
     ({-1: 4.7, 0: 4.9, 1: 5.0}, -2, "lowest"),
-    ({-1: 5.0, 0: 4.8, 1: 4.9}, None, "bracketed: a finished neighbour on both sides"),
+    ({-1: 5.0, 0: 4.8, 1: 4.95}, None, "bracketed: a finished neighbour on both sides"),
     ({-1: 5.0, 0: 4.8, 1: "diverged"}, None, "the high side diverges"),
     ({-1: "diverged", 0: "diverged"}, -2, "every point diverged"),
     ({-1: 5.0, 0: 4.8, 1: "failed"}, None, "not done"),
+    # F2's range within 0.1 nats of the best must end inside the grid, or its width is a lower bound.
+    ({-1: 5.0, 0: 4.8, 1: 4.85}, 2, "reaches the grid's highest lr"),
+    ({-2: 4.88, -1: 4.85, 0: 4.8, 1: 5.0}, -3, "reaches the grid's lowest lr"),
+    ({-1: 4.85, 0: 4.8, 1: "diverged"}, -2, "reaches the grid's lowest lr"),
 ])
-def test_the_grid_grows_until_its_best_is_bracketed_or_the_high_side_diverges(losses, step, why):
+def test_the_grid_grows_until_its_best_is_bracketed_and_its_stable_range_ends(losses, step, why):
     results = {k: finished(v) if isinstance(v, float) else {"status": v} for k, v in losses.items()}
-    k, reason = extension(results)
+    k, reason = extension(results, margin=0.1)
     assert k == step and why in reason
 
 
@@ -100,7 +104,7 @@ def fake_runs(monkeypatch):
     monkeypatch.setattr(card, "validate", lambda point: {})
     monkeypatch.setattr(sweep, "validate", lambda point: {})
     monkeypatch.setattr(card, "time_steps", lambda *args: {
-        "step_s": {"adamw": 0.1, "card": 0.15}, "rounds_s": {"adamw": [0.1], "card": [0.15]}, "ratio": 1.5,
+        "step_s": {"adamw": 0.1, "card": 0.15}, "rounds_s": {"adamw": [0.1, 0.1], "card": [0.14, 0.16]}, "ratio": 1.5,
         "threads": 1, "preset": "cpu", "batch_size": 16, "seq_len": 128})
     monkeypatch.setattr(card, "cpu_arithmetic", lambda: XEON)
     return launched
@@ -109,10 +113,12 @@ def fake_runs(monkeypatch):
 def test_a_card_grows_its_grid_then_runs_seeds_beta1_and_the_baselines_it_cannot_reuse(tmp_path, fake_runs):
     result = card.run_card("configs/optim/adamw.yaml", "mine", tmp_path, protocol=Protocol(half_width=2, beta1=[0.5, 0.9]))
     grid = [n for n in fake_runs if n.startswith("mine_lr") and "seed" not in n]
-    # 3.16e-3 +- 2 quarter-decades: the best (1e-2) is the highest, so 1.78e-2 comes, and brackets it.
+    # 3.16e-3 +- 2 quarter-decades: the best (1e-2) is the highest, so 1.78e-2 comes, and brackets it;
+    # it is within 0.1 nats of the best, so 3.16e-2 comes too, and ends the stable range.
     assert grid == ["mine_lr1.00e-03", "mine_lr1.78e-03", "mine_lr3.16e-03", "mine_lr5.62e-03", "mine_lr0.01",
-                    "mine_lr0.0178"]
-    assert "bracketed: a finished neighbour on both sides" in result.log[-1]
+                    "mine_lr0.0178", "mine_lr0.0316"]
+    assert "reaches the grid's highest lr" in result.log[-2]
+    assert "the stable range ends inside the grid" in result.log[-1]
     assert {n for n in fake_runs if n.endswith(("_seed1", "_seed2")) and n.startswith("mine_lr")} == {
         *(f"{n}_seed1" for n in grid), "mine_lr0.01_seed2"}
     assert {n for n in fake_runs if n.startswith("mine_beta1")} == {
@@ -128,7 +134,7 @@ def test_a_card_grows_its_grid_then_runs_seeds_beta1_and_the_baselines_it_cannot
     assert "| best lr: final val loss, mean (range) over seeds | 0.01: 5.0100 (5.0000 .. 5.0200, 3 seeds)" in text
     assert "**comparable to Adam** (+0.0000 nats against AdamW's mean)" in text
     assert "not compared: cpu_beta1 made on another CPU kind" in text
-    assert "| 1.50 x AdamW's |" in text and "| 8.00 | 8.00 | rerun here | 1.00 x AdamW's |" in text
+    assert "| 1.50 x AdamW's (rounds 1.40 .. 1.60) |" in text and "| 8.00 | 8.00 | rerun here | 1.00 x AdamW's |" in text
     assert "to AdamW's mean final loss (rerun here): 5.0100" in text
     assert "![plot_lr](plot_lr.png)" in text and (tmp_path / "mine" / "plot_lr.png").stat().st_size > 0
     rows = list(csv.DictReader(open(tmp_path / "mine" / "results.csv")))
@@ -157,17 +163,19 @@ def test_commit_records_each_point_as_it_is_done_then_the_card(tmp_path, fake_ru
     assert f"logs/cards/mine/{points[0]}/summary.json" in files and "checkpoints" not in files
 
 
-def test_the_grid_stops_where_the_high_side_diverges_and_no_beta1_without_one(tmp_path, fake_runs):
+def test_the_grid_grows_down_from_a_diverged_high_side_and_no_beta1_without_one(tmp_path, fake_runs):
     (tmp_path / "adagrad.yaml").write_text(
         "trainer:\n  callbacks:\n    - class_path: lm_opt.callbacks.OptimizerCallback\n      init_args:\n"
         "        optimizer: {class_path: torch.optim.Adagrad, init_args: {lr: 3.16e-2}}\n")
     result = card.run_card(str(tmp_path / "adagrad.yaml"), "ada", tmp_path / "cards",
                            protocol=Protocol(half_width=1, best_seeds=[], grid_seeds=[]))
     assert [n for n in fake_runs if n.startswith("ada_")] == ["ada_lr0.0178", "ada_lr0.0316", "ada_lr0.0562",
-                                                             "ada_lr0.01", "ada_lr5.62e-03"]
+                                                             "ada_lr0.01", "ada_lr5.62e-03", "ada_lr3.16e-03"]
     assert result.log == ["the best lr is the grid's lowest: one quarter-decade lower: added lr 0.01",
                           "the best lr is the grid's lowest: one quarter-decade lower: added lr 0.00562",
-                          "bracketed: a finished neighbour on both sides"]
+                          "the range within 0.1 nats of the best reaches the grid's lowest lr: one lower: added lr "
+                          "0.00316",
+                          "bracketed: a finished neighbour on both sides, and the stable range ends inside the grid"]
     assert not result.has_beta1
     assert "no beta1 line" in (tmp_path / "cards" / "ada" / "card.md").read_text()
 
