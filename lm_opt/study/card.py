@@ -178,7 +178,11 @@ class Card:
         if self.has_beta1 and self.protocol.beta1:
             line = self.checked(self.beta1_points(best.values["lr"]))
             self.run(line)
-            self.run(seed_points(line, self.protocol.beta1_seeds))
+            # The best finished value, as for the grid: a value the optimizer cannot run (it crashes,
+            # reported under "Not finished") does not hold back the seeds of the others.
+            best_beta1 = next((p for p in line if p.name == best_name(line)), None)
+            if best_beta1 is not None:
+                self.run(self.checked([with_seed(best_beta1, s) for s in self.protocol.beta1_seeds]))
         timing = self.timing(best)
         return {"usable": usable, "grid": grid, "best": best, "timing": timing}
 

@@ -81,6 +81,8 @@ def fake_summary(point_name: str, values: dict) -> dict:
     """A run's summary whose loss is a bowl in log lr around 1e-2 (card) or 5.62e-3 (AdamW), with a
     little seed noise; lr 5.62e-2 and above diverge."""
     lr, seed = values.get("lr", 1e-2), values.get("seed", 0)
+    if values.get("beta1") == 0.0:  # as AdEMAMix's beta3 schedule, which takes log(beta1)
+        return {"status": "failed", "final_val_loss": None}
     if lr >= 5.6e-2:
         return {"status": "diverged", "final_val_loss": None}
     centre = 5.62e-3 if point_name.startswith("adamw") else 1e-2
@@ -97,8 +99,9 @@ def fake_runs(monkeypatch):
 
     def launch(point, slot, env):
         launched.append(point.name)
-        (point.run_dir / "summary.json").write_text(json.dumps(fake_summary(point.name, point.values)))
-        return subprocess.Popen(["true"])
+        summary = fake_summary(point.name, point.values)
+        (point.run_dir / "summary.json").write_text(json.dumps(summary))
+        return subprocess.Popen(["false" if summary["status"] == "failed" else "true"])
 
     monkeypatch.setattr(sweep, "launch", launch)
     monkeypatch.setattr(card, "validate", lambda point: {})
@@ -111,7 +114,8 @@ def fake_runs(monkeypatch):
 
 
 def test_a_card_grows_its_grid_then_runs_seeds_beta1_and_the_baselines_it_cannot_reuse(tmp_path, fake_runs):
-    result = card.run_card("configs/optim/adamw.yaml", "mine", tmp_path, protocol=Protocol(half_width=2, beta1=[0.5, 0.9]))
+    result = card.run_card("configs/optim/adamw.yaml", "mine", tmp_path,
+                           protocol=Protocol(half_width=2, beta1=[0.0, 0.5, 0.9]))
     grid = [n for n in fake_runs if n.startswith("mine_lr") and "seed" not in n]
     # 3.16e-3 +- 2 quarter-decades: the best (1e-2) is the highest, so 1.78e-2 comes, and brackets it;
     # it is within 0.1 nats of the best, so 3.16e-2 comes too, and ends the stable range.
@@ -121,14 +125,18 @@ def test_a_card_grows_its_grid_then_runs_seeds_beta1_and_the_baselines_it_cannot
     assert "the stable range ends inside the grid" in result.log[-1]
     assert {n for n in fake_runs if n.endswith(("_seed1", "_seed2")) and n.startswith("mine_lr")} == {
         *(f"{n}_seed1" for n in grid), "mine_lr0.01_seed2"}
-    assert {n for n in fake_runs if n.startswith("mine_beta1")} == {
-        "mine_beta1_beta1-0.5", "mine_beta1_beta1-0.9", "mine_beta1_beta1-0.9_seed1", "mine_beta1_beta1-0.9_seed2"}
+    # beta1 = 0 crashes: reported, and the seeds go to the best value that ran.
+    assert {n for n in fake_runs if n.startswith("mine_beta1")} == {"mine_beta1_beta1-0", "mine_beta1_beta1-0.5",
+                                                                   "mine_beta1_beta1-0.9", "mine_beta1_beta1-0.9_seed1",
+                                                                   "mine_beta1_beta1-0.9_seed2"}
+    assert list(result.problems) == ["mine_beta1_beta1-0"]
     # Committed records are of another kind here (EPYC, no AMX): AdamW's best of cpu_lr is rerun, 3 seeds.
     assert [n for n in fake_runs if n.startswith("adamw")] == [
         "adamw_lr5.62e-03", "adamw_lr5.62e-03_seed1", "adamw_lr5.62e-03_seed2"]
     assert (tmp_path / "mine" / "baselines" / "adamw_lr5.62e-03" / "command.sh").is_file()
     text = (tmp_path / "mine" / "card.md").read_text()
     assert "- optimizer: `torch.optim.AdamW`." in text
+    assert "- CRASHED mine_beta1_beta1-0: exit code 1" in text
     assert "`logs/sweeps/cpu_lr`: not used, made on another CPU kind" in text
     assert "So the card reran AdamW" in text and "cpu_lr" in text
     assert "| best lr: final val loss, mean (range) over seeds | 0.01: 5.0100 (5.0000 .. 5.0200, 3 seeds)" in text
@@ -140,8 +148,8 @@ def test_a_card_grows_its_grid_then_runs_seeds_beta1_and_the_baselines_it_cannot
     rows = list(csv.DictReader(open(tmp_path / "mine" / "results.csv")))
     assert len(rows) == len([n for n in fake_runs if not n.startswith("adamw")])
     fake_runs.clear()
-    card.run_card("configs/optim/adamw.yaml", "mine", tmp_path, protocol=Protocol(half_width=2, beta1=[0.5, 0.9]))
-    assert fake_runs == []  # a rerun resumes: every point is done
+    card.run_card("configs/optim/adamw.yaml", "mine", tmp_path, protocol=Protocol(half_width=2, beta1=[0.0, 0.5, 0.9]))
+    assert fake_runs == ["mine_beta1_beta1-0"]  # a rerun resumes: every point is done but the crashed one
 
 
 def test_commit_records_each_point_as_it_is_done_then_the_card(tmp_path, fake_runs, monkeypatch):
