@@ -161,7 +161,7 @@ def figures(card, mine: list[dict], theirs: dict, goals: list[float], unigram: f
     lines = [dict(l["stable"], optimizer=l["label"], condition=l["source"]) for l in theirs["curves"] + mine[:1]
              if l and l["runs"]]
     runs = [l["runs"] for l in theirs["curves"] + mine[:1] if l and l["runs"]]
-    if plot_curves(list(zip(lines, runs)), out / "plot_curves.png", goals, unigram):
+    if plot_curves(list(zip(lines, runs)), out / "plot_curves.png", goals, unigram, f"card {card.name}"):
         drawn.append("plot_curves.png")
     return [f"![{Path(p).stem}]({p})" for p in drawn]
 

@@ -118,8 +118,9 @@ def target_section(described: str, every: str, timed: list[dict], reference: str
 
 
 def plot_curves(lines: list[tuple[dict, list[Row]]], path: Path, targets: list[float],
-                unigram: float | None) -> bool:
-    """Validation loss against steps for each line's best point (seeds thin), the targets dashed."""
+                unigram: float | None, title: str | None = None) -> bool:
+    """Validation loss against steps for each line's best point (seeds thin), the targets dashed;
+    titled by `title` or the first run's sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +145,7 @@ def plot_curves(lines: list[tuple[dict, list[Row]]], path: Path, targets: list[f
         ax.axhline(unigram, color="gray", ls=":", lw=1.5, label=f"unigram baseline ({unigram:.3f})")
     finals = [r.val_curve[-1][1] for _, r in drawn]
     ax.set_ylim(min(finals) - 0.1, max(max(finals) + 0.6, (unigram or 0) + 0.2))
-    ax.set(xlabel="step", ylabel="validation loss", title=f"{drawn[0][1].sweep}: best point per line (thin: seeds)")
+    ax.set(xlabel="step", ylabel="validation loss", title=f"{title or drawn[0][1].sweep}: best point per line (thin: seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
