@@ -148,6 +148,9 @@ def stability_verdict(mine: list[float | None], adam: list[float | None], grid_s
     grid step. Returns the verdict and the numbers it rests on."""
     if not mine or not adam or None in mine or None in adam:
         return "not measured", "a width is missing (a grid not done, or a range not bounded by the grid)"
+    # Widths are whole grid steps but for the lr values' 3-digit rounding (log10(0.01 / 0.00178) =
+    # 0.7496): to 2 decimals, so that the rounding never decides a verdict at the tolerance's edge.
+    mine, adam = [round(w, 2) for w in mine], [round(w, 2) for w in adam]
     spread = max(max(mine) - min(mine), max(adam) - min(adam))
     difference = sum(mine) / len(mine) - sum(adam) / len(adam)
     detail = (f"width difference {difference:+.2f} decades against a tolerance of {spread + grid_step:.2f} "

@@ -58,6 +58,10 @@ def test_the_verdicts_are_the_studys_words():
     assert card_plan.stability_verdict([0.5, 0.5], [1.0, 0.75], 0.25)[0] == "as stable as Adam"
     assert card_plan.stability_verdict([0.25, 0.25], [1.0, 0.75], 0.25)[0] == "less stable"
     assert card_plan.stability_verdict([1.5, 1.5], [1.0, 0.75], 0.25)[0] == "more stable"
+    # At the tolerance's edge, as SGD's card on the Xeon: the lrs' 3-digit rounding does not decide.
+    sgd = [math.log10(0.316 / 0.178), math.log10(0.316 / 0.1)]  # 0.2493, 0.4997
+    adamw = [math.log10(0.0178 / 0.00178), math.log10(0.0178 / 0.00316)]  # 1.0, 0.7507
+    assert card_plan.stability_verdict(sgd, adamw, 0.25)[0] == "as stable as Adam"
     assert card_plan.stability_verdict([0.5, None], [1.0, 0.75], 0.25)[0] == "not measured"
     assert card_plan.loss_at([[50, 6.0], [100, 5.0], [150, 4.8]], 75) == 5.5
 
