@@ -105,6 +105,17 @@ def commit_record(point: Point) -> None:
         "" if loss is None else f" (final val loss {loss:.4f})"))
 
 
+def commit_uncommitted(points: list[Point]) -> None:
+    """Commit each done point whose summary git does not track yet: a record whose commit failed
+    (another git command held the index) is committed when the sweep next starts."""
+    for point in points:
+        summary = point.run_dir / SUMMARY_FILE
+        if point_state(point.run_dir) == "done" and summary.is_file() and subprocess.run(
+                ["git", "-C", str(point.run_dir), "ls-files", "--error-unmatch", SUMMARY_FILE],
+                capture_output=True).returncode != 0:
+            commit_record(point)
+
+
 def commit_files(folder: Path, message: str) -> None:
     """Commit the files directly in `folder` (not its subfolders or event files), ignored or not, and
     nothing else that is staged, to the repository that holds `folder`; a failure is a warning (the
@@ -303,6 +314,8 @@ def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None
         elif (recorded_command(point.run_dir) or [None])[1:] != command_of(point)[1:]:  # any interpreter
             print(f"warning: {point.name} is done but ran another command (see its command.sh); "
                   f"delete {point.run_dir} to rerun it with this spec")
+    if commit:
+        commit_uncommitted([p for p in points if states[p.name] == "done"])
     return [p for p in points if states[p.name] != "done"]
 
 

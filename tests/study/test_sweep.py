@@ -140,6 +140,27 @@ def test_commit_records_a_done_point_without_its_checkpoints_or_other_staged_wor
     assert git("diff", "--cached", "--name-only", cwd=tmp_path).split() == [".gitignore", "other.txt"]
 
 
+def test_a_done_record_whose_commit_failed_is_committed_when_the_sweep_starts_again(tmp_path, monkeypatch):
+    for variable in ("GIT_AUTHOR", "GIT_COMMITTER"):
+        monkeypatch.setenv(f"{variable}_NAME", "lm_opt tests")
+        monkeypatch.setenv(f"{variable}_EMAIL", "tests@lm-opt.invalid")
+    git("init", "-q", cwd=tmp_path)
+    (tmp_path / ".gitignore").write_text("logs/*\n")
+    points = []
+    for name in ("adamw_lr1", "adamw_lr2"):
+        run_dir = tmp_path / "logs" / "sweeps" / "study" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.25}))
+        points.append(sweep_plan.Point(name, "adamw", {}, [], run_dir, {}, [], []))
+    monkeypatch.setattr(sweep, "point_state", lambda run_dir: "done")
+    sweep.commit_record(points[0])
+    sweep.commit_uncommitted(points)  # the second one's commit had failed
+    assert git("log", "--format=%s", cwd=tmp_path).split("\n")[0] == "study: adamw_lr2 finished (final val loss 5.2500)"
+    assert len(git("log", "--format=%s", cwd=tmp_path).strip().splitlines()) == 2
+    sweep.commit_uncommitted(points)  # nothing left to commit
+    assert len(git("log", "--format=%s", cwd=tmp_path).strip().splitlines()) == 2
+
+
 @pytest.mark.parametrize("spec", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_shipped_sweeps_parse(spec):
     """The first point of every optimizer of every shipped sweep parses as a `fit` command."""
