@@ -105,12 +105,11 @@ def commit_record(point: Point) -> None:
         "" if loss is None else f" (final val loss {loss:.4f})"))
 
 
-def commit_uncommitted(points: list[Point]) -> None:
-    """Commit each done point whose summary git does not track yet: a record whose commit failed
-    (another git command held the index) is committed when the sweep next starts."""
-    for point in points:
-        summary = point.run_dir / SUMMARY_FILE
-        if point_state(point.run_dir) == "done" and summary.is_file() and subprocess.run(
+def commit_uncommitted(done: list[Point]) -> None:
+    """Commit each of the done points whose summary git does not track yet: a record whose commit
+    failed (another git command held the index) is committed when the sweep next starts."""
+    for point in done:
+        if (point.run_dir / SUMMARY_FILE).is_file() and subprocess.run(
                 ["git", "-C", str(point.run_dir), "ls-files", "--error-unmatch", SUMMARY_FILE],
                 capture_output=True).returncode != 0:
             commit_record(point)

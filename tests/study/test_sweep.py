@@ -152,7 +152,6 @@ def test_a_done_record_whose_commit_failed_is_committed_when_the_sweep_starts_ag
         run_dir.mkdir(parents=True)
         (run_dir / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.25}))
         points.append(sweep_plan.Point(name, "adamw", {}, [], run_dir, {}, [], []))
-    monkeypatch.setattr(sweep, "point_state", lambda run_dir: "done")
     sweep.commit_record(points[0])
     sweep.commit_uncommitted(points)  # the second one's commit had failed
     assert git("log", "--format=%s", cwd=tmp_path).split("\n")[0] == "study: adamw_lr2 finished (final val loss 5.2500)"
