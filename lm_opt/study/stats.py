@@ -36,7 +36,7 @@ def stability(rows: list[Row], margin: float) -> list[dict]:
         x = x_axis(line[0])
         ok = [r for r in line if r.status == "finished" and r.final_val_loss is not None]
         entry = {"optimizer": key[0], "condition": key[1], "axis": x, "points": len(line), "finished": len(ok),
-                 "done": sum(r.status in DONE for r in line)}
+                 "done": sum(r.status in DONE for r in line), "values": [r.values.get(x) for r in line]}
         if ok:
             best = min(ok, key=lambda r: r.final_val_loss)
             near = [r.values.get(x) for r in ok if r.final_val_loss <= best.final_val_loss + margin]
@@ -51,21 +51,34 @@ def stability(rows: list[Row], margin: float) -> list[dict]:
 
 
 def stability_per_seed(rows: list[Row], margin: float) -> list[dict]:
-    """Where a line's whole grid ran again with other seeds (a spec's `grid_seeds`): the width of its
-    stable range under each seed, the grid's own first, once that seed's grid is done. Their spread
-    is that measure's noise."""
-    def width(e: dict) -> float | None:
-        return e.get("decades") if e["done"] == e["points"] else None
-
-    out = {(e["optimizer"], e["condition"]): {**e, "widths": [width(e)]} for e in stability(rows, margin)}
+    """Where a line's grid ran again with other seeds (a spec's `grid_seeds`): the width of its
+    stable range under each seed, the grid's own first. Its spread is that measure's noise. A
+    seed's width counts once its runs are done and reach one grid point beyond each end of its
+    range (or the grid's end): the whole grid, or its stable range (`grid_seeds_cover: stable`)."""
+    out = {(e["optimizer"], e["condition"]): {**e, "widths": [bracketed_width(e, e)]} for e in stability(rows, margin)}
     repeated = set()
     for seed in sorted({r.seed for r in rows if r.seed is not None}):
         for e in stability([replace(r, seed=None) for r in rows if r.seed == seed], margin):
             line = out.get((e["optimizer"], e["condition"]))
-            if line is not None and e["points"] == line["points"]:
-                line["widths"].append(width(e))
+            if line is not None and e["points"] > 1:
+                run = [r.values.get(e["axis"]) for r in rows if r.seed == seed and series_key(r) == (
+                    e["optimizer"], e["condition"])]
+                line["widths"].append(bracketed_width(e, line, run))
                 repeated.add((e["optimizer"], e["condition"]))
     return [line for key, line in out.items() if key in repeated]
+
+
+def bracketed_width(entry: dict, grid: dict, run: list[Any] | None = None) -> float | None:
+    """`entry`'s width in decades where all its runs are done and, within the line's `grid` values,
+    the neighbour beyond each end of its stable range was run (`run`; all of them by default)."""
+    if entry["done"] != entry["points"] or entry.get("decades") is None:
+        return None
+    if run is None:
+        return entry["decades"]
+    values = sorted(grid["values"])
+    lo, hi = values.index(entry["low"]), values.index(entry["high"])
+    ends = [values[i] for i in (lo - 1, hi + 1) if 0 <= i < len(values)]
+    return entry["decades"] if all(v in run for v in ends) else None
 
 
 def seed_noise(rows: list[Row]) -> dict[tuple, dict]:

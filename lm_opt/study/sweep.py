@@ -33,6 +33,7 @@ from lm_opt.study.report import write_report
 from lm_opt.study.reuse import copy_record, known_runs, run_key
 from lm_opt.study.sweep_plan import (DONE, Point, SpecError, command_endings, line_of, load_spec, plan, validate,
                                      with_seed)
+from lm_opt.study.sweep_repeats import stable_repeats
 
 STARTING = {"resume": " (resuming from last.ckpt)", "retry": " (again: its last attempt did not finish)"}
 """How a point's start is announced, by its `point_state`."""
@@ -333,6 +334,23 @@ def check_one_cpu_kind(points: list[Point]) -> None:
                             "arithmetic: run the rest on a CPU of that kind, or pass --any-cpu to run them here")
 
 
+def run_stable_repeats(grid: list[Point], spec: dict, jobs: int, runs: dict[str, Path],
+                       commit: bool) -> dict[str, str | None]:
+    """`grid_seeds_cover: stable`: run each line's stable range under the grid seeds, growing it
+    (lm_opt.study.sweep_repeats) until both ends are bracketed or a point crashed."""
+    results: dict[str, str | None] = {}
+    while True:
+        repeats = [p for seed in spec["grid_seeds"] for p in stable_repeats(grid, seed, spec["report"]["margin"])]
+        for point in repeats:
+            validate(point)
+        todo = prepare(repeats, spec, runs, commit)
+        print(f"seeds {spec['grid_seeds']} over each line's stable range: {len(repeats) - len(todo)} runs done, "
+              f"{len(todo)} to run", flush=True)
+        if not todo or any(results.get(p.name) for p in todo):
+            return results
+        results.update(execute(todo, jobs, commit))
+
+
 def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool = False,
               commit: bool = False, reuse: bool = True, any_cpu: bool = False) -> dict[str, str | None]:
     """Plan, validate, then run (or write the Slurm script for) a sweep; returns point -> problem or None."""
@@ -340,7 +358,12 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
     spec = load_spec(spec_path)
     grid = plan(spec)
-    points = grid + [with_seed(p, seed) for seed in spec["grid_seeds"] for p in grid]
+    whole = spec["grid_seeds_cover"] == "grid"
+    repeats = [with_seed(p, seed) for seed in spec["grid_seeds"] for p in grid]
+    points = grid + (repeats if whole else [])
+    if slurm and not whole:
+        raise SpecError("grid_seeds_cover: stable grows each line's repeats from the finished runs, in rounds; "
+                        "run the sweep without --slurm, or set grid_seeds_cover: grid")
     print(f"sweep {spec['name']}: {len(points)} points in {spec['out_dir']}; checking every point's config", flush=True)
     for point in points:
         validate(point)
@@ -349,6 +372,8 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
             print(f"{point_state(p.run_dir):>6}  {p.name}\n        python -m lm_opt {shlex.join(p.fit_args())}")
         if spec["seeds"]:
             print(f"then each line's best point with seeds {spec['seeds']}, once its grid is done")
+        if not whole:
+            print(f"then each line's stable lr range and the point beyond each end with seeds {spec['grid_seeds']}")
         return {}
     spec["out_dir"].mkdir(parents=True, exist_ok=True)
     (spec["out_dir"] / SPEC_FILE).write_text(Path(spec_path).read_text())
@@ -361,7 +386,7 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
                  if spec["seeds"] else ""))
         return {}
     if not gpu_slots() and not any_cpu:
-        check_one_cpu_kind(points)
+        check_one_cpu_kind(grid + repeats)
     runs = known_runs(spec["out_dir"].parent, threads_per_job(jobs)) if reuse and not gpu_slots() else {}
     todo = prepare(points, spec, runs, commit)
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
@@ -372,6 +397,8 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
         print(f"seeds {spec['seeds']} at each line's best point: {len(seeds) - len(todo)} runs already done, "
               f"{len(todo)} to run", flush=True)
         results.update(execute(todo, jobs, commit) if todo else {})
+    if not whole:
+        results.update(run_stable_repeats(grid, spec, jobs, runs, commit))
     for name, problem in results.items():
         if problem:
             print(f"CRASHED {name}: {problem}; log: {spec['out_dir'] / name / LOG_FILE}; rerun the sweep to retry")

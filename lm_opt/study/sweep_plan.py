@@ -4,7 +4,8 @@ A spec (YAML) names `base` configs, `optimizers` (label -> optimizer YAML, its o
 fixed `overrides`, e.g. SOAP's `optimizer.init_args.max_precond_dim`),
 a shared `grid` crossed with every optimizer's grid, `seeds` to repeat each line's best point
 with once its grid is done, `grid_seeds` to repeat the whole grid with (where a measure over
-the grid, such as the width of the stable lr range, needs its own seed noise), and `overrides`. Each point gets a copy
+the grid, such as the width of the stable lr range, needs its own seed noise; `grid_seeds_cover:
+stable` repeats only what that width needs), and `overrides`. Each point gets a copy
 of its optimizer's YAML with the swept values set in it, and the remaining keys as `--key
 value` arguments; `validate` parses a point's whole `fit` command before launch, so that a
 bad key or value fails naming its point rather than hours into the sweep.
@@ -35,7 +36,11 @@ import yaml
 from lm_opt.errors import UserError, invalid_yaml
 from lm_opt.record import OPTIMIZER_YAML
 
-SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "overrides", "report")
+SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "grid_seeds_cover", "overrides",
+             "report")
+GRID_SEEDS_COVER = ("grid", "stable")
+"""What `grid_seeds` repeat: the whole grid, or each line's stable range and the point beyond each end
+(lm_opt.study.sweep_repeats)."""
 REPORT_KEYS = ("margin", "panel")
 """A spec's `report:` options (lm_opt.study.report.write_report), the defaults of `report` on its folder."""
 OPTIMIZER_KEYS = ("config", "grid", "overrides")
@@ -134,6 +139,7 @@ def report_options(options: Any) -> dict[str, Any]:
     margin = options.get("margin", 0.05)
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin <= 0:
         raise SpecError(f"report.margin: needs a positive number of nats, got {margin!r}")
+    options["margin"] = margin
     panel = options.get("panel")
     if panel is not None and (not isinstance(panel, str) or "=" not in panel):
         raise SpecError(f"report.panel: needs AXIS=REGEX, e.g. 'width=_w(\\d+)$', got {panel!r}")
@@ -165,6 +171,10 @@ def load_spec(path: str | Path) -> dict:
     if set(spec["seeds"]) & set(spec["grid_seeds"]):
         raise SpecError(f"seeds {spec['seeds']} and grid_seeds {spec['grid_seeds']} share a seed; "
                         "a point would run twice")
+    spec["grid_seeds_cover"] = spec.get("grid_seeds_cover", "grid")
+    if spec["grid_seeds_cover"] not in GRID_SEEDS_COVER:
+        raise SpecError(f"grid_seeds_cover: needs one of {', '.join(GRID_SEEDS_COVER)}, "
+                        f"got {spec['grid_seeds_cover']!r}")
     spec["overrides"] = _mapping(spec.get("overrides") or {}, "overrides")
     spec["report"] = report_options(spec.get("report"))
     optimizers = _mapping(spec.get("optimizers"), "optimizers")

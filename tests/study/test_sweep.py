@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm_opt.study import recheck, report, sweep, sweep_plan
+from lm_opt.study import recheck, report, stats, sweep, sweep_plan
+from lm_opt.study.rows import load_rows
 
 SWEEPS = sorted(Path("configs/sweeps").glob("*.yaml"))
 TINY = {"data.seq_len": 32, "data.batch_size": 4, "data.val_sequences": 8, "data.num_workers": 0,
@@ -568,3 +569,59 @@ def test_a_malformed_spec_is_named_with_its_line(tmp_path, capsys, no_launch):
         sweep.main([str(spec)])
     assert exit_.value.code == 2
     assert f"sweep spec {spec}, line 3, column 1: invalid YAML" in capsys.readouterr().err
+
+
+LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+LOSS = {None: [6.0, 5.5, 5.0, 5.05, 5.6, 6.5],  # the grid: within 0.1 at 1e-3 and 3e-3
+        1: [6.0, 5.5, 5.05, 5.0, 5.08, 6.4]}  # seed 1: 1e-2 is within too, so 3e-2 must run
+
+
+def micro_spec(tmp_path, **changes):
+    return write_spec(tmp_path, **{"optimizers": {"adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": LRS}}},
+                                   "grid_seeds": [1], "seeds": [2], "grid_seeds_cover": "stable",
+                                   "report": {"margin": 0.1}, **changes})
+
+
+@pytest.mark.slow
+def test_grid_seeds_run_the_stable_range_and_grow_it_until_both_ends_are_bracketed(tmp_path, monkeypatch):
+    launched = []
+
+    def fake_launch(point, slot, env):
+        seed, lr = point.values.get("seed"), point.values["lr"]
+        launched.append((seed, lr))
+        loss = LOSS[seed][LRS.index(lr)] if seed in LOSS else 5.02
+        (point.run_dir / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": loss}))
+        return subprocess.Popen(["true"])
+
+    monkeypatch.setattr(sweep, "launch", fake_launch)
+    spec = micro_spec(tmp_path)
+    sweep.main([str(spec)])
+    assert launched[:6] == [(None, lr) for lr in LRS]
+    assert launched[6] == (2, 1e-3)  # the best point's seeds come before the repeats
+    assert launched[7:] == [(1, 3e-4), (1, 1e-3), (1, 3e-3), (1, 1e-2), (1, 3e-2)]
+    rows = load_rows(tmp_path / "out")
+    (line,) = stats.stability_per_seed(rows, 0.1)
+    assert line["widths"] == [pytest.approx(0.477, abs=1e-3), pytest.approx(1.0)]
+    launched.clear()
+    sweep.main([str(spec)])
+    assert launched == []
+
+
+def test_a_repeat_without_a_point_beyond_its_range_has_no_width(tmp_path):
+    line = {"values": LRS}
+    done = {"done": 4, "points": 4, "decades": 1.0, "low": 1e-3, "high": 1e-2}
+    assert stats.bracketed_width(done, line, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]) == 1.0
+    assert stats.bracketed_width(done, line, [3e-4, 1e-3, 3e-3, 1e-2]) is None  # 3e-2 never ran
+    assert stats.bracketed_width({**done, "high": 3e-2}, line, [1e-3, 3e-3, 1e-2, 3e-2]) is None  # nor 3e-4
+    assert stats.bracketed_width({**done, "low": 1e-4, "high": 3e-2}, line, LRS) == 1.0  # the grid's ends
+    assert stats.bracketed_width({**done, "done": 3}, line, LRS) is None
+
+
+def test_cover_is_checked_and_refused_with_slurm(tmp_path, capsys, no_launch):
+    with pytest.raises(sweep_plan.SpecError, match="grid_seeds_cover: needs one of grid, stable, got 'some'"):
+        sweep_plan.load_spec(micro_spec(tmp_path, grid_seeds_cover="some"))
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main([str(micro_spec(tmp_path)), "--slurm"])
+    assert exit_.value.code == 2
+    assert "grid_seeds_cover: stable grows each line's repeats" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
