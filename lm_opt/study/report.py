@@ -29,7 +29,7 @@ from pathlib import Path
 from lm_opt.record import (POINT_FILE, RESULTS_CSV, RESULTS_MD, SPEC_FILE, SUMMARY_FILE, read_baseline, read_config,
                            write_baseline)
 from lm_opt.study.plots import plot
-from lm_opt.study.rows import Row, labelled, load_rows, panelled, x_axis
+from lm_opt.study.rows import Row, labelled, load_rows, panelled, series_key, x_axis
 from lm_opt.study.stats import REFERENCE, best_runs, findings, seed_noise, stability, stability_per_seed
 from lm_opt.study.sweep_plan import format_value
 from lm_opt.study.tables import comparison, markdown, write_csv
@@ -64,10 +64,20 @@ def swept_plots(sweep_dir: Path, rows: list[Row], others: list[list[Row]], unigr
     return plots
 
 
-def steps_to_targets(rows: list[Row], stable: list[dict], noise: dict[tuple, dict], targets: list[str] | None
-                     ) -> tuple[list[tuple[str, str, list[dict]]], list[float]]:
+def steps_to_targets(rows: list[Row], stable: list[dict], noise: dict[tuple, dict], targets: list[str] | None,
+                     panels: bool = False, condition: str = "") -> tuple[list[tuple[str, str, list[dict]]], list[float]]:
     """Per target, how it was set, the validation interval and each line's steps to it (targets
-    default to the reference optimizer where the runs have validation curves); and the losses."""
+    default to the reference optimizer where the runs have validation curves); and the losses.
+    With `panels`, each condition (a panel) is timed against its reference line under it."""
+    if panels:
+        timed, goals = [], []
+        for condition in dict.fromkeys(s["condition"] for s in stable):
+            part, its_goals = steps_to_targets([r for r in rows if series_key(r)[1] == condition],
+                                               [s for s in stable if s["condition"] == condition], noise, targets,
+                                               condition=condition)
+            timed += [(f"{condition}: {described}", every, lines) for described, every, lines in part]
+            goals += its_goals
+        return timed, goals
     lines, timed, goals = best_runs(rows, stable), [], []
     curves = any(len(r.val_curve or []) > 1 for _, runs in lines for r in runs)
     if not targets and curves and any(s["optimizer"] == REFERENCE for s, _ in lines):
@@ -75,7 +85,7 @@ def steps_to_targets(rows: list[Row], stable: list[dict], noise: dict[tuple, dic
     for target in targets or []:
         goal, described = target_loss(target, stable, noise)
         goals.append(goal)
-        timed.append((described, validation_interval(rows), time_to_target(lines, goal, REFERENCE)))
+        timed.append((described, validation_interval(rows), time_to_target(lines, goal, REFERENCE, condition)))
     return timed, goals
 
 
@@ -106,7 +116,7 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
         raise FileNotFoundError(f"a sweep to compare with holds no point folders: {[str(d) for d in compare]}")
     plots = swept_plots(sweep_dir, rows, others, unigram, axis)
     stable = stability(rows, margin)
-    timed, goals = steps_to_targets(rows, stable, noise, targets)
+    timed, goals = steps_to_targets(rows, stable, noise, targets, panels=axis is not None)
     if plot_curves(best_runs(rows, stable), sweep_dir / "plot_curves.png", goals, unigram):
         plots.append(sweep_dir / "plot_curves.png")
     compared = [line for other in others for line in comparison(stable, noise, other, margin)]

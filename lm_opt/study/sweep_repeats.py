@@ -53,12 +53,14 @@ def one_axis(line: list[Point]) -> str | None:
 
 def stable_repeats(grid: list[Point], seed: int, margin: float) -> list[Point]:
     """The points to run (or already run) under `seed` as far as the done runs tell; call again once
-    they are done, until it returns no new point. A line waits until its own grid is done."""
+    they are done, until it returns no new point. A line waits until its own grid is done. Every
+    line's best lr comes first, then the points one step from it, and so on: a sweep stopped early
+    has the best points' seeds (F1's noise) before the ranges' far ends."""
     out = []
-    for line in ordered_lines(grid):
+    for number, line in enumerate(ordered_lines(grid)):
         repeats = [with_seed(p, seed) for p in line]
         if one_axis(line) is None:
-            out += repeats
+            out += [(0, number, i, p) for i, p in enumerate(repeats)]
             continue
         own = [final_loss(p) for p in line]
         if any(loss is None for loss in own):
@@ -75,5 +77,6 @@ def stable_repeats(grid: list[Point], seed: int, margin: float) -> list[Point]:
             if grown is None or wanted >= set(range(grown[0], grown[1] + 1)):
                 break
             wanted |= set(range(grown[0], grown[1] + 1))
-        out += [repeats[i] for i in sorted(wanted)]
-    return out
+        best = own.index(min(own))
+        out += [(abs(i - best), number, i, repeats[i]) for i in sorted(wanted)]
+    return [entry[-1] for entry in sorted(out, key=lambda entry: entry[:3])]

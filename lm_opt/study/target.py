@@ -50,11 +50,13 @@ def target_loss(target: str, stable: list[dict], noise: dict[tuple, dict]) -> tu
     return line["best_loss"], f"{target}'s best final loss, {line['best_loss']:.4f} nats (no seeds)"
 
 
-def time_to_target(lines: list[tuple[dict, list[Row]]], target: float, reference: str | None) -> list[dict]:
+def time_to_target(lines: list[tuple[dict, list[Row]]], target: float, reference: str | None,
+                   condition: str = "") -> list[dict]:
     """Per line (its stability entry and the runs of its best point, seeds included): the steps to
     `target` (mean and range over the runs that reach it), that as a fraction of the run's steps,
     the median step time, and optimizer state per parameter; step time also as a ratio to the
-    reference setup's, and the wall clock to the target as a ratio to the reference's whole run."""
+    reference setup's (its line under `condition`), and the wall clock to the target as a ratio to
+    the reference's whole run."""
     out = []
     for line, runs in lines:
         runs = [r for r in runs if r.status == "finished"]
@@ -74,7 +76,7 @@ def time_to_target(lines: list[tuple[dict, list[Row]]], target: float, reference
         if per_param:
             entry["state_bytes_per_param"] = per_param[0]
         out.append(entry)
-    ref = next((e for e in out if e["optimizer"] == reference and not e["condition"]), None)
+    ref = next((e for e in out if e["optimizer"] == reference and e["condition"] == condition), None)
     for e in out:
         if ref and ref.get("step_time_s") and e.get("step_time_s"):
             e["step_time_ratio"] = e["step_time_s"] / ref["step_time_s"]

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,23 @@ def test_a_panel_tag_in_the_labels_compares_each_size_within_itself_and_draws_a_
     assert (tmp_path / "plot_lr.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--panel", "width"])
+
+
+def test_each_panel_is_timed_to_its_own_reference_loss(tmp_path):
+    """signum_w256 reaches width 128's AdamW loss (4.0) but not width 256's (3.5): a panel's steps
+    to target are counted to its own AdamW, and its step time is divided by that AdamW's."""
+    curves = {"adamw_w128": [[5, 4.5], [10, 4.0]], "signum_w128": [[5, 4.5], [10, 3.9]],
+              "adamw_w256": [[5, 4.0], [10, 3.5]], "signum_w256": [[5, 4.0], [10, 3.6]]}
+    for label, curve in curves.items():
+        run = point(tmp_path, f"{label}_lr1", label, {"lr": 1e-3}, "finished", curve[-1][1])
+        summary = json.loads((run / "summary.json").read_text())
+        step_time = 0.2 if label.endswith("w128") else 0.4 * (2 if label.startswith("signum") else 1)
+        (run / "summary.json").write_text(json.dumps({**summary, "val_curve": curve, "step_time_s": step_time}))
+    main([str(tmp_path), "--panel", "width=_w(\\d+)$"])
+    md = (tmp_path / "results.md").read_text()
+    narrow = md.split("## Steps to target: width=128: adamw")[1].split("##")[0]
+    wide = md.split("## Steps to target: width=256: adamw")[1].split("##")[0]
+    assert "4.0000 nats" in narrow and "3.5000 nats" in wide
+    assert "| signum | width=128 | 1.00e-03 | 1 / 1 | 9 | 9 .. 9 |" in narrow  # 5 + 5 x 0.5 / 0.6
+    assert "| signum | width=256 | 1.00e-03 | 0 / 1 | not reached |" in wide
+    assert re.search(r"\| signum \| width=256 .*\| 800 \| 2\.00 \|", wide)
