@@ -61,9 +61,7 @@ def stability_per_seed(rows: list[Row], margin: float) -> list[dict]:
         for e in stability([replace(r, seed=None) for r in rows if r.seed == seed], margin):
             line = out.get((e["optimizer"], e["condition"]))
             if line is not None and e["points"] > 1:
-                run = [r.values.get(e["axis"]) for r in rows if r.seed == seed and series_key(r) == (
-                    e["optimizer"], e["condition"])]
-                line["widths"].append(bracketed_width(e, line, run))
+                line["widths"].append(bracketed_width(e, line, e["values"]))
                 repeated.add((e["optimizer"], e["condition"]))
     return [line for key, line in out.items() if key in repeated]
 
