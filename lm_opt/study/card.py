@@ -27,7 +27,8 @@ from lm_opt.precision import cpu_arithmetic, resolve
 from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, Protocol, baseline_usable, extension, lr_value
 from lm_opt.record import read_summary
 from lm_opt.study.reuse import known_runs
-from lm_opt.study.sweep import check_one_cpu_kind, commit_files, execute, prepare, seed_points, threads_per_job
+from lm_opt.study.sweep import (WhenDone, check_one_cpu_kind, commit_files, execute, prepare, seed_points,
+                                threads_per_job)
 from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, command_endings, get_path, optimizer_path,
                                      plan, validate, with_seed)
 
@@ -127,11 +128,11 @@ class Card:
 
     def run(self, points: list[Point], sweep: str | None = None) -> None:
         """Write and run the points not done yet (a copy of a same-config record where one exists)."""
-        todo = prepare(points, {"name": sweep or self.name}, self.reusable(), self.commit)
+        todo = prepare(points, {"name": sweep or self.name}, self.reusable(), WhenDone(self.commit))
         print(f"card {self.name}: {len(points) - len(todo)} of {len(points)} points done already, {len(todo)} to run",
               flush=True)
         if todo:
-            for name, problem in execute(todo, self.jobs, self.commit).items():
+            for name, problem in execute(todo, self.jobs, WhenDone(self.commit)).items():
                 if problem:
                     self.problems[name] = problem
 

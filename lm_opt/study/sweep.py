@@ -13,15 +13,18 @@ packages takes a copy of that record instead (`lm_opt.study.reuse`; `--no-reuse`
 
 With `--commit`, each point's record (its folder but checkpoints and event files) is committed to
 the checkout's git as soon as the point is done, so that a study longer than one sitting can be
-pushed as it goes and resumed from a fresh clone, which skips the committed points.
+pushed as it goes and resumed from a fresh clone, which skips the committed points. With
+`--drop-checkpoints`, a done point's checkpoints are deleted once its record is written (and committed).
 """
 
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -53,6 +56,35 @@ def point_state(run_dir: Path) -> str:
 def read_status(run_dir: Path) -> str | None:
     """The run's status (`finished`, `diverged`, `failed`, ...); None before it has ended."""
     return read_summary(run_dir).status
+
+
+@dataclass(frozen=True)
+class WhenDone:
+    """What becomes of a point's folder once its run is done (finished or diverged): with `commit` its
+    record is committed; with `drop_checkpoints` its checkpoints are then deleted. Only an unfinished
+    run needs them, to resume, and a long sweep's add up (best.ckpt and last.ckpt of every point of
+    cpu_scale: about 50 GB); they stay unless asked, so that no finished checkpoint is lost by default."""
+
+    commit: bool = False
+    drop_checkpoints: bool = False
+
+    def settle(self, point: Point) -> None:
+        if self.commit:
+            commit_record(point)
+        if self.drop_checkpoints:
+            shutil.rmtree(point.run_dir / "checkpoints", ignore_errors=True)
+
+    def catch_up(self, done: list[Point]) -> None:
+        """At a sweep's start: commit the done records a failed commit left out, and drop the
+        checkpoints that done points still hold (kept by an earlier run without the flag)."""
+        if self.commit:
+            commit_uncommitted(done)
+        if self.drop_checkpoints:
+            held = [p for p in done if (p.run_dir / "checkpoints").exists()]
+            for point in held:
+                shutil.rmtree(point.run_dir / "checkpoints", ignore_errors=True)
+            if held:
+                print(f"deleted the checkpoints of {len(held)} done points (--drop-checkpoints)", flush=True)
 
 
 COMMAND_TEMPLATE = """#!/usr/bin/env bash
@@ -225,9 +257,9 @@ def launch(point: Point, slot: str | None, env: dict) -> subprocess.Popen:
                                 env=env)
 
 
-def execute(points: list[Point], jobs: int, commit: bool = False) -> dict[str, str | None]:
-    """Run the points' command.sh, `jobs` at a time (one GPU each where there are GPUs); `commit`
-    commits each done point's record."""
+def execute(points: list[Point], jobs: int, when_done: WhenDone = WhenDone()) -> dict[str, str | None]:
+    """Run the points' command.sh, `jobs` at a time (one GPU each where there are GPUs), settling each
+    point that ends done as `when_done` says."""
     gpus = gpu_slots()
     slots: list[str | None] = gpus[:jobs] if gpus else [None] * jobs
     if gpus and jobs > len(gpus):
@@ -250,8 +282,8 @@ def execute(points: list[Point], jobs: int, commit: bool = False) -> dict[str, s
                 results[point.name] = problem = outcome(point, proc.returncode)
                 status = read_status(point.run_dir) if problem is None else f"CRASHED ({problem})"
                 print(f"[{i}/{len(points)}] {point.name}: {status} after {time.time() - start:.0f} s", flush=True)
-                if commit and point_state(point.run_dir) == "done":
-                    commit_record(point)
+                if point_state(point.run_dir) == "done":
+                    when_done.settle(point)
     except KeyboardInterrupt:
         # Ctrl-C reached the points too (one process group): let them write `interrupted` summaries.
         for proc in running:
@@ -294,7 +326,8 @@ def threads_per_job(jobs: int) -> int:
     return torch.get_num_threads()
 
 
-def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None, commit: bool = False) -> list[Point]:
+def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None,
+            when_done: WhenDone = WhenDone()) -> list[Point]:
     """Write the (validated) points' folders; returns those still to run. A point not done whose
     config matches one of `runs` (`lm_opt.study.reuse.known_runs`) gets that run's record instead."""
     states = {p.name: point_state(p.run_dir) for p in points}
@@ -307,15 +340,13 @@ def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None
             states[point.name] = "done"
             print(f"{point.name}: done already as {source} (same config, precision, CPU and its kind, threads and packages); "
                   f"its record copied", flush=True)
-            if commit:
-                commit_record(point)
+            when_done.settle(point)
         elif states[point.name] != "done" or not (point.run_dir / COMMAND_FILE).is_file():
             write_point(point, spec["name"])
         elif (recorded_command(point.run_dir) or [None])[1:] != command_of(point)[1:]:  # any interpreter
             print(f"warning: {point.name} is done but ran another command (see its command.sh); "
                   f"delete {point.run_dir} to rerun it with this spec")
-    if commit:
-        commit_uncommitted([p for p in points if states[p.name] == "done"])
+    when_done.catch_up([p for p in points if states[p.name] == "done"])
     return [p for p in points if states[p.name] != "done"]
 
 
@@ -335,7 +366,7 @@ def check_one_cpu_kind(points: list[Point]) -> None:
 
 
 def run_stable_repeats(grid: list[Point], spec: dict, jobs: int, runs: dict[str, Path],
-                       commit: bool) -> dict[str, str | None]:
+                       when_done: WhenDone) -> dict[str, str | None]:
     """`grid_seeds_cover: stable`: run each line's stable range under the grid seeds, growing it
     (lm_opt.study.sweep_repeats) until both ends are bracketed or a point crashed."""
     results: dict[str, str | None] = {}
@@ -343,16 +374,17 @@ def run_stable_repeats(grid: list[Point], spec: dict, jobs: int, runs: dict[str,
         repeats = [p for seed in spec["grid_seeds"] for p in stable_repeats(grid, seed, spec["report"]["margin"])]
         for point in repeats:
             validate(point)
-        todo = prepare(repeats, spec, runs, commit)
+        todo = prepare(repeats, spec, runs, when_done)
         print(f"seeds {spec['grid_seeds']} over each line's stable range: {len(repeats) - len(todo)} runs done, "
               f"{len(todo)} to run", flush=True)
         if not todo or any(results.get(p.name) for p in todo):
             return results
-        results.update(execute(todo, jobs, commit))
+        results.update(execute(todo, jobs, when_done))
 
 
 def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool = False,
-              commit: bool = False, reuse: bool = True, any_cpu: bool = False) -> dict[str, str | None]:
+              commit: bool = False, reuse: bool = True, any_cpu: bool = False,
+              drop_checkpoints: bool = False) -> dict[str, str | None]:
     """Plan, validate, then run (or write the Slurm script for) a sweep; returns point -> problem or None."""
     if jobs < 1:
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
@@ -388,17 +420,18 @@ def run_sweep(spec_path: str, jobs: int = 1, slurm: bool = False, dry_run: bool 
     if not gpu_slots() and not any_cpu:
         check_one_cpu_kind(grid + repeats)
     runs = known_runs(spec["out_dir"].parent, threads_per_job(jobs)) if reuse and not gpu_slots() else {}
-    todo = prepare(points, spec, runs, commit)
+    when_done = WhenDone(commit, drop_checkpoints)
+    todo = prepare(points, spec, runs, when_done)
     print(f"{len(points) - len(todo)} points already done, {len(todo)} to run", flush=True)
-    results = execute(todo, jobs, commit) if todo else {}
+    results = execute(todo, jobs, when_done) if todo else {}
     if spec["seeds"]:
         seeds = seed_points(grid, spec["seeds"])
-        todo = prepare(seeds, spec, runs, commit)
+        todo = prepare(seeds, spec, runs, when_done)
         print(f"seeds {spec['seeds']} at each line's best point: {len(seeds) - len(todo)} runs already done, "
               f"{len(todo)} to run", flush=True)
-        results.update(execute(todo, jobs, commit) if todo else {})
+        results.update(execute(todo, jobs, when_done) if todo else {})
     if not whole:
-        results.update(run_stable_repeats(grid, spec, jobs, runs, commit))
+        results.update(run_stable_repeats(grid, spec, jobs, runs, when_done))
     for name, problem in results.items():
         if problem:
             print(f"CRASHED {name}: {problem}; log: {spec['out_dir'] / name / LOG_FILE}; rerun the sweep to retry")
@@ -413,6 +446,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="points run at once (one per GPU where there are GPUs)")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit each point's record (not its checkpoints) as soon as it is done")
+    parser.add_argument("--drop-checkpoints", action="store_true",
+                        help="delete each done point's checkpoints once its record is written (and committed): "
+                             "for a long sweep on a small disk; an unfinished point keeps its last.ckpt to resume")
     parser.add_argument("--slurm", action="store_true",
                         help="write out_dir/sweep.sbatch (an array job) instead of running")
     parser.add_argument("--no-reuse", action="store_true",
@@ -423,6 +459,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with command_endings("sweep"):
         results = run_sweep(args.spec, args.jobs, args.slurm, args.dry_run, args.commit, not args.no_reuse,
-                            args.any_cpu)
+                            args.any_cpu, args.drop_checkpoints)
     if any(results.values()):
         raise SystemExit(1)

@@ -257,6 +257,43 @@ def test_crashed_points_are_reported_never_dropped(tmp_path):
     assert f"{points[0].name}: incomplete" in md and f"{points[1].name}: failed: RuntimeError: boom" in md
 
 
+def points_holding_checkpoints(tmp_path, statuses):
+    """Points whose command.sh ends the run with each of `statuses`, each holding a last.ckpt."""
+    points = sweep_plan.plan(sweep_plan.load_spec(write_spec(tmp_path)))[:len(statuses)]
+    for point, status in zip(points, statuses):
+        sweep.write_point(point, "micro")
+        (point.run_dir / "checkpoints").mkdir()
+        (point.run_dir / "checkpoints" / "last.ckpt").write_bytes(b"a step")
+        (point.run_dir / "command.sh").write_text(
+            f"echo '{{\"status\": \"{status}\"}}' > {point.run_dir}/summary.json\n")
+    return points
+
+
+def test_drop_checkpoints_deletes_those_of_points_that_end_done_and_keeps_an_unfinished_ones(tmp_path):
+    points = points_holding_checkpoints(tmp_path, ["finished", "diverged", "interrupted"])
+    sweep.execute(points, jobs=2, when_done=sweep.WhenDone(drop_checkpoints=True))
+    assert [(p.run_dir / "checkpoints").exists() for p in points] == [False, False, True]
+    assert sweep.point_state(points[2].run_dir) == "resume"
+
+
+def test_drop_checkpoints_at_a_sweeps_start_deletes_those_done_points_kept(tmp_path, capsys):
+    points = points_holding_checkpoints(tmp_path, ["finished", "diverged", "interrupted"])
+    sweep.execute(points, jobs=3)  # the default keeps every checkpoint
+    assert all((p.run_dir / "checkpoints" / "last.ckpt").is_file() for p in points)
+    todo = sweep.prepare(points, {"name": "micro"}, when_done=sweep.WhenDone(drop_checkpoints=True))
+    assert todo == points[2:]
+    assert [(p.run_dir / "checkpoints").exists() for p in points] == [False, False, True]
+    assert "deleted the checkpoints of 2 done points (--drop-checkpoints)" in capsys.readouterr().out
+
+
+def test_the_drop_checkpoints_flag_reaches_the_sweep(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda *args: calls.append(args) or {})
+    sweep.main([str(write_spec(tmp_path)), "--drop-checkpoints"])
+    sweep.main([str(write_spec(tmp_path))])
+    assert [args[-1] for args in calls] == [True, False]
+
+
 def test_a_sweep_with_runs_from_another_cpu_kind_refuses_to_add_runs_here(tmp_path, capsys, no_launch, monkeypatch):
     spec = write_spec(tmp_path)
     done = sweep_plan.plan(sweep_plan.load_spec(spec))[0]
