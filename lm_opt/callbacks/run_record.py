@@ -23,12 +23,18 @@ log = logging.getLogger("lm_opt")
 
 
 def describe_error(exception: BaseException) -> str:
-    """`Type: message` of the exception that ended the run, and of what failed while handling it."""
+    """`Type: message` of the first error in the chain that ended the run, then of each later one: a
+    wrapper raised from it (Lightning's TensorBoard logger reports any failed write, a full disk
+    included, as "you tried to log X which is currently not supported") or a failure while handling it."""
     chain = [exception]
     while chain[-1].__context__ is not None and len(chain) < 5:
         chain.append(chain[-1].__context__)
-    first, *later = [f"{type(e).__name__}: {e}" for e in reversed(chain)]
-    return first + "".join(f" (then, while handling it, {e})" for e in later)
+    chain.reverse()
+    text = " ".join(f"{type(chain[0]).__name__}: {chain[0]}".split())
+    for earlier, later in zip(chain, chain[1:]):
+        how = "reported as" if later.__cause__ is earlier else "then, while handling it,"
+        text += " (" + " ".join(f"{how} {type(later).__name__}: {later}".split()) + ")"
+    return text
 
 
 class RunRecord(SaveConfigCallback):
