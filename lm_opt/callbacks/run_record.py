@@ -30,10 +30,14 @@ def describe_error(exception: BaseException) -> str:
     while chain[-1].__context__ is not None and len(chain) < 5:
         chain.append(chain[-1].__context__)
     chain.reverse()
-    text = " ".join(f"{type(chain[0]).__name__}: {chain[0]}".split())
+
+    def one_line(error: BaseException) -> str:
+        return " ".join(f"{type(error).__name__}: {error}".split())
+
+    text = one_line(chain[0])
     for earlier, later in zip(chain, chain[1:]):
         how = "reported as" if later.__cause__ is earlier else "then, while handling it,"
-        text += " (" + " ".join(f"{how} {type(later).__name__}: {later}".split()) + ")"
+        text += f" ({how} {one_line(later)})"
     return text
 
 
