@@ -38,6 +38,7 @@ from lm_opt.study.sweep_plan import (DONE, Point, SpecError, command_endings, li
                                      with_seed)
 from lm_opt.study.sweep_repeats import stable_repeats
 
+FLOAT32 = "32-true"
 STARTING = {"resume": " (resuming from last.ckpt)", "retry": " (again: its last attempt did not finish)"}
 """How a point's start is announced, by its `point_state`."""
 
@@ -352,17 +353,21 @@ def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None
 
 def check_one_cpu_kind(points: list[Point]) -> None:
     """Refuse to add CPU runs to a sweep whose done runs were made on another kind of CPU
-    (lm_opt.precision.same_kind): its points are compared with one another on one arithmetic."""
-    if all(point_state(p.run_dir) == "done" for p in points):
+    (lm_opt.precision.same_kind): its points are compared with one another on one arithmetic. A
+    float32 sweep's points may come from any kind: float32 losses agree across kinds to a few
+    millionths of a nat (docs/results/cpu_study.md, "Which CPU made these records"), bf16's do not."""
+    if all(point_state(p.run_dir) == "done" for p in points) or all(
+            p.resolved.get("trainer", {}).get("precision") == FLOAT32 for p in points):
         return
     here = cpu_arithmetic()
     for point in points:
         device = read_summary(point.run_dir).device
-        if device.get("type") == "cpu" and point_state(point.run_dir) == "done" and not same_kind(
-                device.get("arithmetic"), here):
+        if device.get("type") == "cpu" and point_state(point.run_dir) == "done" and device.get(
+                "precision") != FLOAT32 and not same_kind(device.get("arithmetic"), here):
             raise SpecError(f"{point.run_dir.parent} holds runs made on {describe(device.get('arithmetic'))} "
                             f"({point.name}); this CPU is {describe(here)}. A sweep compares its points on one "
-                            "arithmetic: run the rest on a CPU of that kind, or pass --any-cpu to run them here")
+                            "arithmetic: run the rest on a CPU of that kind, or pass --any-cpu to run them here (a float32 "
+                            "sweep, trainer.precision: 32-true, runs on any kind)")
 
 
 def run_stable_repeats(grid: list[Point], spec: dict, jobs: int, runs: dict[str, Path],

@@ -16,6 +16,13 @@ and the shorthands `lr` and `beta1` (of the optimizer, or of its first route). A
 values are mappings is a paired axis: each value sets several keys together, e.g.
 `{model.qk_norm: false, model.z_loss: 0.0}`; one whose keys all take the same value (`lr: [{routes.0.
 optimizer.init_args.lr: 1.0e-3, routes.1.optimizer.init_args.lr: 1.0e-3}, ...]`) is named by it.
+
+The length of training is swept in the shared grid (`trainer.max_steps: [50, 200, 800]`) or set in
+an optimizer's own overrides (one label per length, each with its own lr grid): either way each
+length is a line of its own, compared at the end of its own schedule, and what depends on the
+length is scaled by it (`scale_to_length`): the warmup is a fraction of the run, and the
+validation and checkpoint intervals, given in the spec's overrides at its own `trainer.max_steps`,
+are scaled to each point's.
 """
 
 import copy
@@ -46,6 +53,9 @@ REPORT_KEYS = ("margin", "panel")
 OPTIMIZER_KEYS = ("config", "grid", "overrides")
 OPTIMIZER_HEADS = ("optimizer", "routes")
 """First parts of the grid keys that address the OptimizerCallback's init_args."""
+LENGTH_KEY = "trainer.max_steps"
+SCALED_INTERVALS = ("trainer.val_check_interval", "checkpoint.every_n_train_steps")
+"""Step intervals that a point sweeping LENGTH_KEY gets scaled to its own length."""
 DONE = ("finished", "diverged")
 """Run statuses that are a result; a rerun leaves such a point alone."""
 
@@ -188,7 +198,40 @@ def load_spec(path: str | Path) -> dict:
         _existing_file(entry.get("config"), f"{where}.config")
         entry["grid"] = _check_grid(entry.get("grid") or {}, f"{where}.grid")
         entry["overrides"] = _mapping(entry.get("overrides") or {}, f"{where}.overrides")
+        if LENGTH_KEY in entry["grid"]:
+            raise SpecError(f"{where}.grid.{LENGTH_KEY}: sweep the length in the shared `grid`, so that each "
+                            "length is a line of its own, with its own best point")
+    lengths = spec["grid"].get(LENGTH_KEY, []) + [e["overrides"][LENGTH_KEY] for e in optimizers.values()
+                                                   if LENGTH_KEY in e["overrides"]]
+    spec["scales_length"] = bool(lengths)
+    if lengths:
+        check_length_reference(spec["overrides"], lengths)
     return spec
+
+
+def check_length_reference(overrides: dict, lengths: list) -> None:
+    """A spec sweeping the length gives, in its overrides, the length at which its intervals are
+    meant and those intervals; the warmup must be a fraction to scale with the run."""
+    if not all(type(n) is int and n > 0 for n in lengths):
+        raise SpecError(f"{LENGTH_KEY}: the lengths swept need positive integers (steps), got {lengths!r}")
+    for key in (LENGTH_KEY, *SCALED_INTERVALS):
+        value = overrides.get(key)
+        if type(value) is not int or value < 1:
+            raise SpecError(f"overrides.{key}: a spec that sweeps {LENGTH_KEY} needs it as a positive integer "
+                            f"(the intervals are given at overrides.{LENGTH_KEY} and scaled to each point's "
+                            f"length), got {value!r}")
+    warmup = overrides.get("model.warmup", 0.0)
+    if not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
+        raise SpecError(f"overrides.model.warmup: a spec that sweeps {LENGTH_KEY} needs the warmup as a fraction "
+                        f"of the run in [0, 1), got {warmup!r}")
+
+
+def scale_to_length(settings: dict, reference: dict) -> dict:
+    """`settings` with each of SCALED_INTERVALS scaled from the reference's length (the spec's
+    overrides) to the point's own, at least 1 step: every length validates and checkpoints as often
+    per run."""
+    ratio = settings[LENGTH_KEY] / reference[LENGTH_KEY]
+    return {**settings, **{key: max(1, round(reference[key] * ratio)) for key in SCALED_INTERVALS}}
 
 
 def _check_grid(grid: Any, where: str) -> dict:
@@ -314,6 +357,8 @@ def plan(spec: dict) -> list[Point]:
                 settings = {**spec["overrides"], **entry["overrides"]}
                 for axis, value in zip(axes, combo):
                     settings.update(value if axis.key is None else {axis.key: value})
+                if spec["scales_length"]:
+                    settings = scale_to_length(settings, spec["overrides"])
                 shown = [shown_value(v) for v in combo]
                 name = "_".join([label, *(fragment(n, v) for n, v in zip(names, shown))])
                 optimizer_yaml, overrides = split_settings(name, label, settings, source, entry["config"])

@@ -310,6 +310,23 @@ def test_a_sweep_with_runs_from_another_cpu_kind_refuses_to_add_runs_here(tmp_pa
     assert "--any-cpu" in err and not (done.run_dir.parent / "adamw_lr0.01").exists()
 
 
+@pytest.mark.slow
+def test_a_float32_sweep_adds_runs_on_any_cpu_kind(tmp_path, capsys, monkeypatch):
+    """Float32 losses agree across kinds to a few millionths of a nat, so a float32 sweep resumes anywhere."""
+    spec = write_spec(tmp_path, overrides={**TINY, "trainer.precision": "32-true"})
+    done, *todo = sweep_plan.plan(sweep_plan.load_spec(spec))
+    done.run_dir.mkdir(parents=True)
+    elsewhere = {"capability": "AVX2", "avx512_bf16": False, "amx": False, "bf16_native": False}
+    monkeypatch.setattr(sweep, "cpu_arithmetic", lambda: elsewhere | {"capability": "AVX512", "bf16_native": True})
+    (done.run_dir / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": 5.0, "provenance": {
+        "device": {"type": "cpu", "arithmetic": elsewhere, "precision": "32-true"}}}))
+    launched = []
+    monkeypatch.setattr(sweep, "execute", lambda points, *args: launched.extend(points) or {})
+    monkeypatch.setattr(sweep, "write_report", lambda *args, **kwargs: None)
+    sweep.main([str(spec), "--no-reuse"])
+    assert [p.name for p in launched] == [p.name for p in todo]
+
+
 def test_a_point_command_runs_from_any_clone_with_the_python_it_is_given(tmp_path):
     spec = write_spec(tmp_path, out_dir="logs/sweeps/micro_portable")
     point = sweep_plan.plan(sweep_plan.load_spec(spec))[0]
