@@ -28,6 +28,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, IterableDataset
 
 from lm_opt.corpus import MANIFEST, build_corpus, default_cache_dir
+from lm_opt.data_order import epoch_batches
 from lm_opt.errors import UserError
 from lm_opt.tokenizer import load_tokenizer
 
@@ -75,22 +76,22 @@ class Packer:
 
 class DocumentMarks:
     """Where the buffered tokens came from: for each document batch still (partly) in a Packer,
-    its epoch, the dataset state just before it (None at the start of an epoch) and the index
-    of its first token in the stream."""
+    its position in the stream (its epoch and where in the epoch it starts, lm_opt.data_order) and
+    the index of its first token in the Packer's count."""
 
     def __init__(self):
-        self.marks: deque[tuple[int, dict | None, int]] = deque()
+        self.marks: deque[tuple[dict, int]] = deque()
 
-    def add(self, epoch: int, docs_state: dict | None, first_token: int) -> None:
-        self.marks.append((epoch, docs_state, first_token))
+    def add(self, where: dict, first_token: int) -> None:
+        self.marks.append((where, first_token))
 
     def position(self, next_token: int) -> dict:
         """Where re-reading resumes the stream at `next_token`: the last document batch that
         starts at or before it, and how many of that batch's tokens to skip."""
-        while len(self.marks) > 1 and self.marks[1][2] <= next_token:
+        while len(self.marks) > 1 and self.marks[1][1] <= next_token:
             self.marks.popleft()
-        epoch, docs_state, first_token = self.marks[0]
-        return {"epoch": epoch, "docs": docs_state, "skip": next_token - first_token}
+        where, first_token = self.marks[0]
+        return {**where, "skip": next_token - first_token}
 
 
 def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -108,11 +109,13 @@ class PackedStream(IterableDataset):
     """
 
     def __init__(self, docs: HFIterableDataset, tokenizer, seq_len: int, batch_size: int, rank: int,
-                 world_size: int, tokenize_batch: int = 64):
+                 world_size: int, tokenize_batch: int = 64, reshuffle_window: int = 8192,
+                 documents: int | None = None):
         self.docs, self.tokenizer = docs, tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size = rank, world_size
         self.tokenize_batch = tokenize_batch
+        self.reshuffle_window, self.documents = reshuffle_window, documents
         self.part_states: dict[int, dict] = {}
         self.first_part = 0
 
@@ -120,26 +123,26 @@ class PackedStream(IterableDataset):
         """Endless batches from part `part` of `num_parts` of this rank's documents."""
         docs = split_dataset_by_node(self.docs, rank=self.rank * num_parts + part,
                                      world_size=self.world_size * num_parts)
-        start = self.part_states.get(part, {"epoch": 0, "docs": None, "skip": 0})
-        if start["docs"] is not None:
-            docs.load_state_dict(start["docs"])
+        start = {"epoch": 0, "skip": 0, "tokens": 0, "epoch_tokens": None, **self.part_states.get(part, {})}
         packer, marks = Packer(skip=start["skip"]), DocumentMarks()
-        epoch, before = start["epoch"], start["docs"]
+        epoch, tokens, epoch_tokens = start["epoch"], start["tokens"], start["epoch_tokens"]
+        limit = None if self.documents is None else -(-self.documents // (self.world_size * num_parts))
         eos = self.tokenizer.eos_token_id
         while True:
-            docs.set_epoch(epoch)
             empty = True
-            for batch in docs.iter(batch_size=self.tokenize_batch):
+            for where, texts in epoch_batches(docs, epoch, start, self.tokenize_batch, self.reshuffle_window, limit):
                 empty = False
-                marks.add(epoch, before, packer.read)
-                packer.add(tokenize(self.tokenizer, batch["text"]), eos)
-                before = docs.state_dict()
+                # `tokens`: the epoch's tokens before this batch; `epoch_tokens`: a whole epoch's, once known
+                marks.add({"epoch": epoch, **where, "tokens": tokens, "epoch_tokens": epoch_tokens}, packer.read)
+                before = packer.read
+                packer.add(tokenize(self.tokenizer, texts), eos)
+                tokens += packer.read - before
                 while (windows := packer.pop(self.batch_size, self.seq_len + 1)) is not None:
                     yield {"input_ids": torch.from_numpy(windows.astype(np.int32)),
                            STATE_KEY: {"part": part, "state": marks.position(packer.emitted)}}
             if empty:  # a resumed epoch holds at least the batch its position names
                 raise RuntimeError(f"data part {part} of rank {self.rank} holds no documents")
-            epoch, before = epoch + 1, None
+            epoch, start, tokens, epoch_tokens = epoch + 1, {}, 0, tokens
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -199,6 +202,16 @@ class ResumableLoader(DataLoader):
         part = stream_state["part"]
         self.stream.part_states[part] = stream_state["state"]
         self.stream.first_part = (part + 1) % max(self.num_workers, 1)
+
+    def epochs(self) -> float | None:
+        """Passes over the training data so far, e.g. 2.25 for two whole passes and a quarter of the
+        third (the mean over this rank's parts); None before the first pass has ended, when the size
+        of a pass is not yet known."""
+        passes = [state["epoch"] + (state["tokens"] + state["skip"]) / state["epoch_tokens"]
+                  for state in self.stream.part_states.values() if state.get("epoch_tokens")]
+        if not passes or len(passes) < len(self.stream.part_states):
+            return None
+        return sum(passes) / len(passes)
 
     def state_dict(self) -> dict:
         local = {"part_states": self.stream.part_states, "first_part": self.stream.first_part,
@@ -289,6 +302,8 @@ class C4DataModule(L.LightningDataModule):
         num_workers: int = 2,
         val_sequences: int = 512,
         tokenize_batch: int = 64,
+        reshuffle_window: int = 8192,
+        train_documents: int | None = None,
         cache_dir: str | None = None,
     ):
         """
@@ -304,10 +319,16 @@ class C4DataModule(L.LightningDataModule):
             num_workers: DataLoader workers tokenizing and packing in parallel, per device.
             val_sequences: Size of the fixed validation set, in sequences, shared by all ranks.
             tokenize_batch: Documents tokenized per call of the fast tokenizer.
+            reshuffle_window: Documents permuted together in every epoch after the first
+                (lm_opt.data_order); 8192 holds the whole embedded corpus (6,491 documents).
+            train_documents: Train on the first N documents of the train split only, repeated each
+                epoch (each rank x worker part reads its share); None: the whole split.
             cache_dir: Where the embedded corpus and tokenizer are built (default `~/.cache/lm_opt`).
         """
         super().__init__()
-        for key in ("embedded_vocab", "seq_len", "batch_size", "val_sequences", "tokenize_batch"):
+        if train_documents is not None and train_documents < 1:
+            raise UserError(f"data.train_documents must be a positive integer or null, got {train_documents}")
+        for key in ("embedded_vocab", "seq_len", "batch_size", "val_sequences", "tokenize_batch", "reshuffle_window"):
             if locals()[key] < 1:
                 raise UserError(f"data.{key} must be a positive integer, got {locals()[key]}")
         if num_workers < 0:
@@ -386,7 +407,8 @@ class C4DataModule(L.LightningDataModule):
                 self.docs["validation"], self.tokenizer, self.hparams.seq_len, self.hparams.val_sequences)))
         self.val_windows = windows[rank::world]
         self.stream = PackedStream(self.docs["train"], self.tokenizer, self.hparams.seq_len,
-                                   self.hparams.batch_size, rank, world, self.hparams.tokenize_batch)
+                                   self.hparams.batch_size, rank, world, self.hparams.tokenize_batch,
+                                   self.hparams.reshuffle_window, self.hparams.train_documents)
 
     def train_dataloader(self) -> ResumableLoader:
         self.train_loader = ResumableLoader(self.stream, self.hparams.num_workers,

@@ -62,6 +62,9 @@ class RunSummary:
     steps: int | None = None
     max_steps: int | None = None
     tokens: int | None = None
+    epochs: float | None = None
+    """Passes over the training data (2.25: two whole passes and a quarter of the third); None for a
+    run that ended within its first pass, or a record older than the field."""
     parameters: int | None = None
     wall_time_s: float | None = None
     step_time_s: float | None = None

@@ -22,6 +22,14 @@ from lm_opt.provenance import provenance
 log = logging.getLogger("lm_opt")
 
 
+def data_epochs(trainer: L.Trainer) -> float | None:
+    """Passes over the training data of the run's data module, where it tracks them (lm_opt.data),
+    rounded to 4 decimals; None within the first pass."""
+    loader = getattr(trainer.datamodule, "train_loader", None)
+    epochs = loader.epochs() if hasattr(loader, "epochs") else None
+    return None if epochs is None else round(epochs, 4)
+
+
 def describe_error(exception: BaseException) -> str:
     """`Type: message` of the first error in the chain that ended the run, then of each later one: a
     wrapper raised from it (Lightning's TensorBoard logger reports any failed write, a full disk
@@ -137,6 +145,7 @@ class RunRecord(SaveConfigCallback):
             "steps": steps,
             "max_steps": trainer.max_steps,
             "tokens": steps * pl_module.tokens_per_step(),
+            "epochs": data_epochs(trainer),
             "parameters": pl_module.model.num_params(),
             "wall_time_s": round(time.time() - self.start_time, 2),
             "step_time_s": self.median_step_time(),
