@@ -31,6 +31,7 @@ from lm_opt.errors import DEBUG_ENV, UserError, debug_mode, invalid_yaml
 from lm_opt.module import LMModule
 from lm_opt.precision import Trainer
 from lm_opt.record import SUMMARY_FILE, read_summary, summary_path
+from lm_opt.user_yaml import load_yaml
 from lm_opt.schedule import resolve_max_steps
 
 # Hyperparameters that change the model's parameters: a checkpoint must agree on them.
@@ -78,7 +79,7 @@ def check_yaml_files(args: list[str]) -> None:
         if not path.is_file():
             continue  # jsonargparse names a missing file itself
         try:
-            yaml.safe_load(path.read_text())
+            load_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise UserError(f"--config {invalid_yaml(path, err)}") from err
 

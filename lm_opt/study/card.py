@@ -31,6 +31,7 @@ from lm_opt.study.sweep import (WhenDone, check_one_cpu_kind, commit_files, exec
                                 threads_per_job)
 from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, command_endings, get_path, optimizer_path,
                                      plan, validate, with_seed)
+from lm_opt.user_yaml import read_yaml
 
 COMMITTED = Path("logs/sweeps")
 BASELINE_SWEEPS = ("cpu_lr", "cpu_beta1", "soap_cpu")
@@ -50,7 +51,7 @@ def optimizer_lr(config: str) -> tuple[float, bool]:
     if not Path(config).is_file():
         raise SpecError(f"optimizer YAML {config!r} does not exist")
     try:
-        source = yaml.safe_load(Path(config).read_text())
+        source = read_yaml(config)
     except yaml.YAMLError as err:
         raise SpecError(f"{config}: invalid YAML: {err}") from None
     if not isinstance(source, dict):
@@ -205,7 +206,7 @@ def requested_precision(protocol: Protocol) -> str:
     """`trainer.precision` as the protocol's overrides or its last base config set it."""
     precision = "auto"
     for base in protocol.base:
-        precision = ((yaml.safe_load(Path(base).read_text()) or {}).get("trainer") or {}).get("precision", precision)
+        precision = ((read_yaml(base) or {}).get("trainer") or {}).get("precision", precision)
     return protocol.overrides.get("trainer.precision", precision)
 
 
@@ -231,7 +232,7 @@ def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) ->
     from lm_opt.study.step_time import medians, side_by_side
 
     config = best.resolved
-    yamls = {REFERENCE: yaml.safe_load(Path(ADAMW_YAML).read_text()), "card": best.optimizer_yaml}
+    yamls = {REFERENCE: read_yaml(ADAMW_YAML), "card": best.optimizer_yaml}
     setups = {label: partial(optimizer_callback, source, label) for label, source in yamls.items()}
     shape = {"preset": config["model"]["preset"], "batch_size": config["data"]["batch_size"],
              "seq_len": config["data"]["seq_len"]}
