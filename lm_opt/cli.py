@@ -144,6 +144,7 @@ class LMOptCLI(LightningCLI):
             args=args,
             run=run,
             parser_class=LMOptParser,
+            parser_kwargs={"prog": "python -m lm_opt"},  # not `__main__.py`, in every usage line
             trainer_class=Trainer,
         )
 
