@@ -31,8 +31,8 @@ from lm_opt.errors import DEBUG_ENV, UserError, debug_mode, invalid_yaml
 from lm_opt.module import LMModule
 from lm_opt.precision import Trainer
 from lm_opt.record import SUMMARY_FILE, read_summary, summary_path
-from lm_opt.user_yaml import load_yaml
 from lm_opt.schedule import resolve_max_steps
+from lm_opt.user_yaml import load_yaml
 
 # Hyperparameters that change the model's parameters: a checkpoint must agree on them.
 ARCHITECTURE_KEYS = ("preset", "qk_norm", "arch")
