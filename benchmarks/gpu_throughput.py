@@ -20,7 +20,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.fabric.utilities.throughput import get_available_flops
 
 from lm_opt.callbacks import OptimizerCallback
@@ -28,6 +27,7 @@ from lm_opt.callbacks.optimizer import optimizer_args
 from lm_opt.callbacks.throughput import dense_peak_flops
 from lm_opt.module import LMModule
 from lm_opt.study.step_time import RandomTokens
+from lm_opt.user_yaml import read_yaml
 
 OPTIM_CONFIGS = Path(__file__).parents[1] / "configs" / "optim"
 OPTIMIZERS = sorted(p.stem for p in OPTIM_CONFIGS.glob("*.yaml"))
@@ -36,7 +36,7 @@ OPTIMIZERS = sorted(p.stem for p in OPTIM_CONFIGS.glob("*.yaml"))
 def optimizer_init_args(config: Path) -> dict:
     """The OptimizerCallback's init_args in an optimizer YAML (`configs/optim/*.yaml`): what
     `fit --config` would train with."""
-    return optimizer_args(yaml.safe_load(config.read_text()), str(config))
+    return optimizer_args(read_yaml(config), str(config))
 
 
 class StepTimer(L.Callback):

@@ -24,12 +24,12 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from lm_opt.model import GPT, ModelConfig, lm_loss
+from lm_opt.user_yaml import read_yaml
 
 GiB = 2**30
 CAPACITY_GIB = 79.6  # an 80 GB H100 or A100 as torch.cuda reports it (81559 MiB)
@@ -227,7 +227,7 @@ def load_run(*configs: Path) -> Run:
     """The run of a preset config, optionally followed by a strategy config (later keys win)."""
     merged: dict[str, dict] = {}
     for path in configs:
-        for section, values in yaml.safe_load(path.read_text()).items():
+        for section, values in read_yaml(path).items():
             if isinstance(values, dict):
                 merged.setdefault(section, {}).update(values)
     model, data, trainer = merged["model"], merged["data"], merged["trainer"]

@@ -32,6 +32,7 @@ from lm_opt.module import LMModule
 from lm_opt.precision import Trainer
 from lm_opt.record import SUMMARY_FILE, read_summary, summary_path
 from lm_opt.schedule import resolve_max_steps
+from lm_opt.user_yaml import load_yaml
 
 # Hyperparameters that change the model's parameters: a checkpoint must agree on them.
 ARCHITECTURE_KEYS = ("preset", "qk_norm", "arch")
@@ -78,7 +79,7 @@ def check_yaml_files(args: list[str]) -> None:
         if not path.is_file():
             continue  # jsonargparse names a missing file itself
         try:
-            yaml.safe_load(path.read_text())
+            load_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise UserError(f"--config {invalid_yaml(path, err)}") from err
 
@@ -143,6 +144,7 @@ class LMOptCLI(LightningCLI):
             args=args,
             run=run,
             parser_class=LMOptParser,
+            parser_kwargs={"prog": "python -m lm_opt"},  # not `__main__.py`, in every usage line
             trainer_class=Trainer,
         )
 

@@ -1,4 +1,4 @@
-"""`python -m lm_opt card OPTIMIZER_YAML [--jobs N] [--name NAME] [--out logs/cards]`: an optimizer
+"""`python -m lm_opt card OPTIMIZER_YAML [--jobs N] [--name NAME] [--out logs/cards] [--dry-run]`: an
 through the CPU study's protocol, and its card beside the study's optimizers.
 
 The card's folder `out/<name>/` is a sweep folder (`sweep`'s point folders, with their
@@ -31,6 +31,7 @@ from lm_opt.study.sweep import (WhenDone, check_one_cpu_kind, commit_files, exec
                                 threads_per_job)
 from lm_opt.study.sweep_plan import (Point, SpecError, callback_init_args, command_endings, get_path, optimizer_path,
                                      plan, validate, with_seed)
+from lm_opt.user_yaml import read_yaml
 
 COMMITTED = Path("logs/sweeps")
 BASELINE_SWEEPS = ("cpu_lr", "cpu_beta1", "soap_cpu")
@@ -50,7 +51,7 @@ def optimizer_lr(config: str) -> tuple[float, bool]:
     if not Path(config).is_file():
         raise SpecError(f"optimizer YAML {config!r} does not exist")
     try:
-        source = yaml.safe_load(Path(config).read_text())
+        source = read_yaml(config)
     except yaml.YAMLError as err:
         raise SpecError(f"{config}: invalid YAML: {err}") from None
     if not isinstance(source, dict):
@@ -205,7 +206,7 @@ def requested_precision(protocol: Protocol) -> str:
     """`trainer.precision` as the protocol's overrides or its last base config set it."""
     precision = "auto"
     for base in protocol.base:
-        precision = ((yaml.safe_load(Path(base).read_text()) or {}).get("trainer") or {}).get("precision", precision)
+        precision = ((read_yaml(base) or {}).get("trainer") or {}).get("precision", precision)
     return protocol.overrides.get("trainer.precision", precision)
 
 
@@ -222,6 +223,12 @@ def optimizer_callback(source: dict, label: str):
     return OptimizerCallback(**callback_init_args(json.loads(json.dumps(source)), label))
 
 
+def run_shape(config: dict) -> dict:
+    """What a step costs besides its optimizer, from a resolved config: the preset, batch and length."""
+    return {"preset": config["model"]["preset"], "batch_size": config["data"]["batch_size"],
+            "seq_len": config["data"]["seq_len"]}
+
+
 def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) -> dict:
     """Median seconds per step of AdamW and of the card's optimizer (the best point's YAML), in
     alternating rounds on the best point's preset, batch and sequence length, random tokens; their
@@ -230,11 +237,9 @@ def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) ->
 
     from lm_opt.study.step_time import medians, side_by_side
 
-    config = best.resolved
-    yamls = {REFERENCE: yaml.safe_load(Path(ADAMW_YAML).read_text()), "card": best.optimizer_yaml}
+    yamls = {REFERENCE: read_yaml(ADAMW_YAML), "card": best.optimizer_yaml}
     setups = {label: partial(optimizer_callback, source, label) for label, source in yamls.items()}
-    shape = {"preset": config["model"]["preset"], "batch_size": config["data"]["batch_size"],
-             "seq_len": config["data"]["seq_len"]}
+    shape = run_shape(best.resolved)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     print(f"timing {protocol.timing_rounds} alternating rounds of {protocol.timing_steps} steps, AdamW and the card's "
@@ -248,18 +253,24 @@ def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) ->
     return {"step_s": medians(seconds), "rounds_s": seconds, "ratio": ratio, "threads": threads, **shape}
 
 
-def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/cards", jobs: int = 1,
-             protocol: Protocol | None = None, baseline_grid: bool = False, commit: bool = False) -> Card:
-    """Run (or resume) the card's points and write its card.md; returns the card."""
-    from lm_opt.study.card_write import write_card
-
+def new_card(config: str, name: str | None, out_root: str | Path, jobs: int, protocol: Protocol | None = None,
+             baseline_grid: bool = False, commit: bool = False) -> Card:
+    """The card of the command's arguments, checked: a SpecError names the one that is wrong."""
     if jobs < 1:
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
     name = name or Path(config).stem
     if not re.fullmatch(r"[\w.+-]+", name):
         raise SpecError(f"--name must be a word like 'adamw' (it names the card's folder), got {name!r}")
+    return Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid, commit)
+
+
+def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/cards", jobs: int = 1,
+             protocol: Protocol | None = None, baseline_grid: bool = False, commit: bool = False) -> Card:
+    """Run (or resume) the card's points and write its card.md; returns the card."""
+    from lm_opt.study.card_write import write_card
+
     start = time.time()
-    card = Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid, commit)
+    card = new_card(config, name, out_root, jobs, protocol, baseline_grid, commit)
     ran = card.run_all()
     for point, problem in card.problems.items():
         print(f"CRASHED {point}: {problem}; rerun the card to retry", flush=True)
@@ -281,8 +292,15 @@ def main(argv: list[str] | None = None) -> None:
                              "more), so that the stable width is compared on this CPU kind")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit each point's record (not its checkpoints) as soon as it is done, and the card")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the YAML, print the plan, the baselines it would read or rerun and an estimate "
+                             "of the wall clock here; train nothing, write nothing")
     args = parser.parse_args(argv)
     with command_endings("card"):
+        if args.dry_run:
+            from lm_opt.study.card_dry_run import dry_run
+
+            return dry_run(new_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid))
         card = run_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid,
                         commit=args.commit)
     if card.problems:

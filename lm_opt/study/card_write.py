@@ -8,8 +8,6 @@ precision is never compared (lm_opt.study.card_plan.baseline_usable).
 import re
 from pathlib import Path
 
-import yaml
-
 from lm_opt.precision import cpu_arithmetic, describe
 from lm_opt.provenance import optimizer_packages
 from lm_opt.record import SUMMARY_FILE
@@ -21,6 +19,7 @@ from lm_opt.study.stats import best_runs, seed_noise, stability, stability_per_s
 from lm_opt.study.tables import write_csv
 from lm_opt.study.sweep_plan import callback_init_args, format_value
 from lm_opt.study.target import plot_curves, time_to_target
+from lm_opt.user_yaml import read_yaml
 
 STEP_TARGET = 100
 """AdamW's mean loss at this step is the second step target: every comparable optimizer reaches it,
@@ -279,7 +278,7 @@ def class_paths_line(config: str) -> str:
             for value in node:
                 walk(value)
 
-    walk(callback_init_args(yaml.safe_load(Path(config).read_text()), config))
+    walk(callback_init_args(read_yaml(config), config))
     packages = optimizer_packages([path.rpartition(".")[0] for path in found])
     versions = ", ".join(f"{name} {version}" for name, version in packages.items())
     return ", ".join(f"`{path}`" for path in dict.fromkeys(found)) + (f" ({versions})" if versions else "")

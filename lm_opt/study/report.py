@@ -131,12 +131,13 @@ def spec_report_options(sweep_dir: Path) -> dict:
     import yaml
 
     from lm_opt.study.sweep_plan import SpecError, report_options
+    from lm_opt.user_yaml import read_yaml
 
     path = sweep_dir / SPEC_FILE
     if not path.is_file():
         return {}
     try:
-        return report_options((yaml.safe_load(path.read_text()) or {}).get("report"))
+        return report_options((read_yaml(path) or {}).get("report"))
     except (yaml.YAMLError, SpecError, AttributeError) as err:
         raise ValueError(f"{path}: {err}") from None
 

@@ -42,6 +42,7 @@ import yaml
 
 from lm_opt.errors import UserError, invalid_yaml
 from lm_opt.record import OPTIMIZER_YAML
+from lm_opt.user_yaml import read_yaml
 
 SPEC_KEYS = ("name", "out_dir", "base", "optimizers", "grid", "seeds", "grid_seeds", "grid_seeds_cover", "overrides",
              "report")
@@ -161,7 +162,7 @@ def load_spec(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise SpecError(f"sweep spec {str(path)!r} does not exist")
     try:
-        spec = _mapping(yaml.safe_load(Path(path).read_text()), f"sweep spec {path}")
+        spec = _mapping(read_yaml(path), f"sweep spec {path}")
     except yaml.YAMLError as err:
         raise SpecError(f"sweep spec {invalid_yaml(path, err)}") from None
     _check_keys(spec, SPEC_KEYS, f"sweep spec {path}")
@@ -350,7 +351,7 @@ def plan(spec: dict) -> list[Point]:
         axes = grid_axes(entry["grid"]) + shared
         short = [a.name for a in axes]  # two keys that shorten alike keep their full names
         names = [a.key if a.key and short.count(a.name) > 1 else a.name for a in axes]
-        source = yaml.safe_load(Path(entry["config"]).read_text())
+        source = read_yaml(entry["config"])
         for shared_combo in itertools.product(*(a.values for a in shared)):
             for own_combo in itertools.product(*(a.values for a in axes[:len(axes) - len(shared)])):
                 combo = own_combo + shared_combo

@@ -27,6 +27,14 @@ def test_the_grid_is_quarter_decades_around_the_yamls_lr_rounded_as_cpu_lrs():
     assert [lr_value(3e-3, k) for k in (-1, 0, 1)] == [1.69e-3, 3e-3, 5.33e-3]  # off the grid: scaled from it
 
 
+def test_the_yamls_lr_reads_as_fit_reads_it(tmp_path):
+    """`lr: 3e-3` is a float to `fit` (jsonargparse's YAML loader), so to `card` too."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("trainer:\n  callbacks:\n    - class_path: lm_opt.callbacks.OptimizerCallback\n      init_args:\n"
+                    "        optimizer: {class_path: torch.optim.SGD, init_args: {lr: 3e-3, momentum: 0.9}}\n")
+    assert card.optimizer_lr(str(path)) == (3e-3, True)
+
+
 def finished(loss):
     return {"status": "finished", "final_val_loss": loss}
 

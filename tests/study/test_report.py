@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_opt.study.report import main
+from lm_opt.study.report import main, spec_report_options
 from lm_opt.study.rows import load_rows
 from lm_opt.study.stats import stability, stability_per_seed
 
@@ -125,6 +125,11 @@ def test_an_empty_folder_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "no point folders" in capsys.readouterr().err
+
+
+def test_the_margin_of_the_spec_a_sweep_ran_reads_as_fit_reads_a_number(tmp_path):
+    (tmp_path / "sweep.yaml").write_text("name: synthetic\nreport: {margin: 1e-1}\n")
+    assert spec_report_options(tmp_path) == {"margin": 0.1}
 
 
 def test_seed_repeats_give_the_noise_a_difference_must_exceed(tmp_path):

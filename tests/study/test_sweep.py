@@ -115,6 +115,34 @@ def test_grid_seeds_run_every_point_again_and_seeds_repeat_only_the_best(tmp_pat
         sweep_plan.load_spec(write_spec(tmp_path, grid_seeds=[1, 2], seeds=[2]))
 
 
+def test_a_spec_and_its_optimizer_yaml_read_numbers_as_fit_does(tmp_path):
+    """`3e-3` is a float to `fit` (jsonargparse), so to a spec too, not YAML 1.1's string."""
+    optimizer = tmp_path / "adamw.yaml"
+    optimizer.write_text("trainer:\n  callbacks:\n    - class_path: lm_opt.callbacks.OptimizerCallback\n      init_args:\n"
+                         "        optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 1e-3, eps: 1e-15}}\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: numbers\nout_dir: {tmp_path / 'out'}\nbase: [configs/quickstart.yaml]\n"
+                    f"optimizers:\n  adamw: {{config: {optimizer}, grid: {{lr: [3e-3, 1e-2]}}}}\n"
+                    "report: {margin: 1e-1}\n")
+    loaded = sweep_plan.load_spec(spec)
+    assert loaded["report"]["margin"] == 0.1
+    points = sweep_plan.plan(loaded)
+    assert [p.name for p in points] == ["adamw_lr3.00e-03", "adamw_lr0.01"]
+    init_args = sweep_plan.callback_init_args(points[0].optimizer_yaml, "adamw")["optimizer"]["init_args"]
+    assert (init_args["lr"], init_args["eps"]) == (3e-3, 1e-15)
+
+
+@pytest.mark.parametrize("spec", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_a_shipped_spec_plans_the_points_committed_under_its_folder(spec):
+    """The points of a spec with a committed folder are named as its records are (how a spec's YAML is
+    read must not rename them: a rerun would run them all again)."""
+    loaded = sweep_plan.load_spec(spec)
+    if not loaded["out_dir"].is_dir():
+        pytest.skip(f"no committed records of {spec.stem}")
+    committed = {p.name for p in loaded["out_dir"].iterdir() if (p / "point.json").is_file()}
+    assert {p.name for p in sweep_plan.plan(loaded)} <= committed
+
+
 def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
