@@ -1,0 +1,80 @@
+"""Speedup over a tuned AdamW on made-up ladders: the interpolation the data picks, its
+leave-one-out error, bounds off the ladder, and the range from both seed ranges."""
+
+import math
+
+import pytest
+
+from lm_opt.errors import UserError
+from lm_opt.study.speedup import Rung, choose_interpolation, leave_one_out_error, speedup, INTERPOLATIONS
+
+TOKENS = [100e3, 200e3, 400e3, 800e3, 1.6e6, 3.2e6]
+
+
+def ladder(loss_at, spread=0.0):
+    return [Rung(t, loss_at(t), loss_at(t) - spread, loss_at(t) + spread) for t in TOKENS]
+
+
+def log_linear(t):
+    return 9.0 - 0.5 * math.log(t)
+
+
+def power_law(t):
+    return 40.0 * t ** -0.15
+
+
+@pytest.mark.parametrize("loss_at,exact", [(log_linear, "linear in log tokens"),
+                                           (power_law, "power law (linear in log-log)")])
+def test_the_interpolation_that_fits_the_ladder_is_chosen_and_its_error_is_measured(loss_at, exact):
+    chosen, errors = choose_interpolation(ladder(loss_at))
+    assert chosen == exact and errors[exact] == pytest.approx(0, abs=1e-9)
+    other = next(name for name in INTERPOLATIONS if name != exact)
+    assert errors[other] > 1e-3  # the other way misreads a rung left out
+
+
+def test_a_setup_reaching_adamws_loss_of_twice_its_tokens_has_speedup_2():
+    rungs = ladder(power_law)
+    assert speedup(power_law(800e3), power_law(800e3), power_law(800e3), 400e3, rungs).value == pytest.approx(2.0)
+    # between rungs: 3x the tokens, read off a power law exactly
+    assert speedup(power_law(1.2e6), power_law(1.2e6), power_law(1.2e6), 400e3, rungs).value == pytest.approx(3.0)
+
+
+def test_a_setup_worse_than_adamw_has_a_speedup_below_1():
+    rungs = ladder(log_linear)
+    result = speedup(log_linear(200e3), log_linear(200e3), log_linear(200e3), 400e3, rungs)
+    assert result.value == pytest.approx(0.5) and not result.bound
+
+
+def test_losses_off_the_ladder_give_bounds_at_its_ends():
+    rungs = ladder(log_linear)
+    beyond = speedup(log_linear(3.2e6) - 0.1, 0, 0, 200e3, rungs)
+    assert (beyond.bound, beyond.value, str(beyond)) == (">", 16.0, "> 16.00x")
+    short = speedup(log_linear(100e3) + 0.1, 0, 0, 400e3, rungs)
+    assert (short.bound, short.value, str(short)) == ("<", 0.25, "< 0.25x")
+
+
+def test_the_range_pairs_the_setups_worst_seed_with_adamws_best_and_the_reverse():
+    rungs = ladder(log_linear, spread=0.1)
+    b = 0.5  # nats per e-fold of tokens: a loss 0.1 higher costs a factor exp(0.2) of tokens
+    result = speedup(log_linear(800e3), log_linear(800e3) - 0.05, log_linear(800e3) + 0.05, 400e3, rungs)
+    assert result.value == pytest.approx(2.0)
+    assert result.low == pytest.approx(2.0 * math.exp(-(0.05 + 0.1) / b))
+    assert result.high == pytest.approx(2.0 * math.exp((0.05 + 0.1) / b))
+    assert str(result) == f"2.00x ({result.low:.2f} .. {result.high:.2f})"
+
+
+def test_a_range_end_off_the_ladder_is_shown_as_unknown():
+    rungs = ladder(log_linear, spread=0.3)
+    result = speedup(log_linear(3.2e6) + 0.01, log_linear(3.2e6) - 0.4, log_linear(3.2e6) + 0.02, 800e3, rungs)
+    assert result.high is None and str(result).endswith(" .. ?)")
+
+
+def test_a_ladder_whose_loss_does_not_fall_is_refused_naming_its_rungs():
+    rungs = ladder(log_linear)
+    rungs[3] = Rung(rungs[3].tokens, rungs[2].loss + 0.01, 0, 0)
+    with pytest.raises(UserError, match="does not fall from 400000 tokens"):
+        speedup(5.0, 5.0, 5.0, 1e5, rungs)
+
+
+def test_a_two_rung_ladder_has_no_rung_to_leave_out():
+    assert math.isnan(leave_one_out_error(ladder(log_linear)[:2], INTERPOLATIONS["linear in log tokens"]))
