@@ -30,6 +30,7 @@ from lm_opt.record import (POINT_FILE, RESULTS_CSV, RESULTS_MD, SPEC_FILE, SUMMA
                            write_baseline)
 from lm_opt.study.plots import plot
 from lm_opt.study.rows import Row, labelled, load_rows, panelled, series_key, x_axis
+from lm_opt.study.speedup_report import speedup_section
 from lm_opt.study.stats import REFERENCE, best_runs, findings, seed_noise, stability, stability_per_seed
 from lm_opt.study.sweep_plan import format_value
 from lm_opt.study.tables import comparison, markdown, write_csv
@@ -120,6 +121,7 @@ def write_report(sweep_dir: str | Path, margin: float = 0.05, targets: list[str]
     if plot_curves(best_runs(rows, stable), sweep_dir / "plot_curves.png", goals, unigram):
         plots.append(sweep_dir / "plot_curves.png")
     compared = [line for other in others for line in comparison(stable, noise, other, margin)]
+    compared += speedup_section(rows, sweep_dir, margin)
     (sweep_dir / RESULTS_MD).write_text(markdown(rows, stable, findings(stable, noise), base, plots, margin, timed,
                                                  stability_per_seed(rows, margin), compared, axis))
     print(f"report: {sweep_dir / RESULTS_MD}, {RESULTS_CSV}, " + ", ".join(p.name for p in plots))

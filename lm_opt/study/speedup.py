@@ -88,6 +88,7 @@ def leave_one_out_error(rungs: list[Rung], between: Callable) -> float:
 
 def choose_interpolation(rungs: list[Rung]) -> tuple[str, dict[str, float]]:
     """The way of reading between rungs with the smaller worst leave-one-out error, and every way's error."""
+    rungs = check_ladder(rungs)
     errors = {name: leave_one_out_error(rungs, between) for name, between in INTERPOLATIONS.items()}
     return min(errors, key=lambda name: (math.isnan(errors[name]), errors[name])), errors
 

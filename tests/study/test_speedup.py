@@ -1,12 +1,14 @@
 """Speedup over a tuned AdamW on made-up ladders: the interpolation the data picks, its
 leave-one-out error, bounds off the ladder, and the range from both seed ranges."""
 
+import json
 import math
 
 import pytest
 
 from lm_opt.errors import UserError
-from lm_opt.study.speedup import Rung, choose_interpolation, leave_one_out_error, speedup, INTERPOLATIONS
+from lm_opt.study import report
+from lm_opt.study.speedup import INTERPOLATIONS, Rung, choose_interpolation, leave_one_out_error, speedup
 
 TOKENS = [100e3, 200e3, 400e3, 800e3, 1.6e6, 3.2e6]
 
@@ -78,3 +80,38 @@ def test_a_ladder_whose_loss_does_not_fall_is_refused_naming_its_rungs():
 
 def test_a_two_rung_ladder_has_no_rung_to_leave_out():
     assert math.isnan(leave_one_out_error(ladder(log_linear)[:2], INTERPOLATIONS["linear in log tokens"]))
+
+
+def run_folder(sweep_dir, name, optimizer, lr, loss, tokens, seed=None, arch=128):
+    """A finished point as `sweep` and its run leave it, with the model and data a shape compares."""
+    run = sweep_dir / name
+    run.mkdir(parents=True)
+    values = {"lr": lr, **({"seed": seed} if seed is not None else {})}
+    (run / "point.json").write_text(json.dumps({"sweep": sweep_dir.name, "name": name, "optimizer": optimizer,
+                                                "values": values, "shared": []}))
+    config = {"model": {"preset": "cpu", "arch": {"n_embd": arch}}, "data": {"path": "embedded", "seq_len": 128}}
+    (run / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": loss, "steps": 1,
+                                                  "max_steps": 1, "tokens": tokens, "config": config}))
+
+
+def test_report_reads_each_line_against_the_ladder_of_its_model(tmp_path):
+    """A made-up ladder linear in log tokens (three rungs, three seeds each); a sweep's line at 400k
+    tokens reaching the 800k rung's loss has speedup 2, and a line of another width gets none."""
+    ladder = tmp_path / "adamw_ladder"
+    for tokens in (200_000, 400_000, 800_000):
+        loss = log_linear(tokens)
+        label = f"adamw_steps{tokens // 2048}"
+        run_folder(ladder, f"{label}_lr0.01", label, 0.01, loss, tokens)
+        run_folder(ladder, f"{label}_lr0.03", label, 0.03, loss + 0.5, tokens)
+        for seed, delta in ((1, -0.02), (2, 0.02)):
+            run_folder(ladder, f"{label}_lr0.01_seed{seed}", label, 0.01, loss + delta, tokens, seed)
+    sweep_dir = tmp_path / "mine"
+    for label, arch in (("lion", 128), ("lion_w256", 256)):
+        for seed, delta in ((None, 0.0), (1, -0.01), (2, 0.01)):
+            run_folder(sweep_dir, f"{label}_lr0.001" + (f"_seed{seed}" if seed else ""), label, 0.001,
+                       log_linear(800_000) + delta, 400_000, seed, arch)
+    text = report.write_report(sweep_dir, margin=0.1).read_text()
+    section = text[text.index("## Speedup over a tuned AdamW"):].splitlines()
+    rows = [line for line in section if line.startswith("| lion")]
+    assert len(rows) == 1 and "| lion |" in rows[0]
+    assert "| 2.00x (" in rows[0] and "linear in log tokens | 0.0% |" in rows[0]
