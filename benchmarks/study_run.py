@@ -9,6 +9,7 @@ worktree (the baseline a speed-up is measured against); without one, this checko
 
     python -m benchmarks.study_run                                   # 32-true against bf16-mixed
     python -m benchmarks.study_run --runs 8783896:32-true bf16-mixed --rounds 2
+    python -m benchmarks.study_run --runs 32-true 32-true+compile --width 128 --steps 400   # the ladder's runs
 """
 
 import argparse
@@ -38,15 +39,16 @@ def worktree(ref: str, stack: ExitStack) -> Path:
     return path
 
 
-def command(setting: str, steps: int, preset: str, out: Path) -> list[str]:
+def command(setting: str, steps: int, preset: str, out: Path, width: int | None = None) -> list[str]:
     precision, _, compiled = setting.partition("+")
     return [sys.executable, "-m", "lm_opt", "fit", "--config", "configs/quickstart.yaml", *STUDY_OVERRIDES,
             "--model.preset", preset, "--trainer.max_steps", str(steps), "--trainer.precision", precision,
             *(["--model.compile", "true"] if compiled else []),
+            *(["--model.arch", f"{{n_embd: {width}, n_head: {max(1, width // 64)}}}"] if width else []),
             "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "run"]
 
 
-def run_once(code: Path, setting: str, steps: int, preset: str, threads: int) -> dict[str, float]:
+def run_once(code: Path, setting: str, steps: int, preset: str, threads: int, width: int | None = None) -> dict[str, float]:
     """Wall seconds, CPU seconds (user + sys of the run and its workers), final val loss, and where
     the wall clock went: start-up (imports, config parsing, model init: until the run record's
     clock starts in setup), the training steps (steps x the median step time, where the record
@@ -55,7 +57,7 @@ def run_once(code: Path, setting: str, steps: int, preset: str, threads: int) ->
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        result = subprocess.run(command(setting, steps, preset, Path(out)), cwd=code, env=env, capture_output=True, text=True)
+        result = subprocess.run(command(setting, steps, preset, Path(out), width), cwd=code, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="as each run of a CPU sweep with --jobs 2")
     parser.add_argument("--preset", default="cpu", help="the study's model; `tiny` for a smoke run")
+    parser.add_argument("--width", type=int, help="the preset at this width, heads of 64 (cpu_scale's widths)")
     args = parser.parse_args()
     with ExitStack() as stack:
         code = {}
@@ -86,12 +89,12 @@ def main() -> None:
         for round_ in range(args.rounds):
             for run in args.runs[:: 1 if round_ % 2 == 0 else -1]:
                 measured[run].append(run_once(code[run], run.rpartition(":")[2], args.steps, args.preset,
-                                              args.threads))
+                                              args.threads, args.width))
                 print(f"round {round_ + 1}: {run}: {measured[run][-1]}", file=sys.stderr, flush=True)
     median = {run: {key: statistics.median(m[key] for m in runs) for key in ("wall", "cpu", "startup", "steps", "rest")}
               for run, runs in measured.items()}
     first = median[args.runs[0]]
-    print(f"CPU study run ({args.preset} preset, {args.steps} steps, start to {SUMMARY_FILE}), {args.threads} thread(s), "
+    print(f"CPU study run ({args.preset} preset{f' at width {args.width}' if args.width else ''}, {args.steps} steps, start to {SUMMARY_FILE}), {args.threads} thread(s), "
           f"{cpu_name()}, load average {os.getloadavg()[0]:.1f} at the end; medians of {args.rounds} alternating rounds\n")
     print("| run | wall s | CPU s | final val loss | speed-up: wall | speed-up: CPU |\n| --- | --- | --- | --- | --- | --- |")
     for run, runs in measured.items():
