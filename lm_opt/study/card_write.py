@@ -18,6 +18,7 @@ from lm_opt.study.rows import labelled, load_rows, show
 from lm_opt.study.stats import best_runs, seed_noise, stability, stability_per_seed
 from lm_opt.study.tables import write_csv
 from lm_opt.study.sweep_plan import callback_init_args, format_value
+from lm_opt.study.speedup_report import LADDER, card_speedup_lines
 from lm_opt.study.target import plot_curves, time_to_target
 from lm_opt.user_yaml import read_yaml
 
@@ -332,6 +333,7 @@ def write_card(card, ran: dict, elapsed: float) -> Path:
              *cost_rows(mine[0], theirs, ran.get("timing")), ""]
     if unigram is not None:
         lines += [f"Unigram baseline of the validation set: {unigram:.4f} nats.", ""]
+    lines += card_speedup_lines(mine[0], card.dir.parent.parent / "sweeps" / LADDER, margin)
     lines += steps + ["## Figures", "", *figures(card, mine, theirs, goals, unigram), ""]
     best = ran.get("best")
     if best is not None:

@@ -75,3 +75,34 @@ def speedup_section(rows: list[Row], sweep_dir: Path, margin: float) -> list[str
         out.append(f"| {line['optimizer']} | {line['condition']} | {line['tokens']:,} | {line['mean']:.4f} "
                    f"({line['min']:.4f} .. {line['max']:.4f}) | {result} | {chosen} | {error} |")
     return out + [""]
+
+
+def describe_shape(shape: str | None) -> str:
+    """A model shape in words: `the cpu preset at {'n_embd': 128}, seq_len 128 x batch 16`."""
+    if shape is None:
+        return "a run without a resolved config"
+    parts = json.loads(shape)
+    arch = parts["model"]["arch"]
+    return (f"the {parts['model']['preset']} preset" + (f" at {arch}" if arch else "")
+            + f", {parts['data']['seq_len']} x {parts['data']['batch_size']} tokens a step")
+
+
+def card_speedup_lines(line: dict, ladder_dir: Path, margin: float) -> list[str]:
+    """A card's speedup at its own horizon (`line`: card_write.line_stats of its optimizer), or which
+    ladder it lacks."""
+    stats, runs = line.get("stats", {}), line.get("runs", [])
+    if "mean" not in stats or not runs:
+        return []
+    shape, tokens = model_shape(runs[0].run_dir), runs[0].tokens
+    ladders = ladder_rungs(ladder_dir, margin) if ladder_dir.is_dir() else {}
+    rungs = ladders.get(shape, [])
+    head = ["## Speedup over a tuned AdamW", ""]
+    if len(rungs) < 2:
+        held = "; ".join(describe_shape(s) for s, r in ladders.items() if len(r) >= 2) or "no model yet"
+        return head + [f"No AdamW ladder of this card's model ({describe_shape(shape)}): {ladder_dir} holds {held}. "
+                       "Run configs/sweeps/adamw_ladder.yaml with this model's overrides for a speedup.", ""]
+    chosen, errors = choose_interpolation(rungs)
+    result = speedup(stats["mean"], stats["min"], stats["max"], tokens, rungs, chosen)
+    return head + [f"At {tokens:,} tokens the card's mean best final loss {stats['mean']:.4f} is a speedup of "
+                   f"**{result}** over AdamW tuned at each length ({ladder_dir}, read {chosen}, leave-one-out "
+                   f"error {errors[chosen]:.1%}).", ""]

@@ -358,7 +358,7 @@ def plan(spec: dict) -> list[Point]:
                 settings = {**spec["overrides"], **entry["overrides"]}
                 for axis, value in zip(axes, combo):
                     settings.update(value if axis.key is None else {axis.key: value})
-                if spec["scales_length"]:
+                if spec.get("scales_length"):
                     settings = scale_to_length(settings, spec["overrides"])
                 shown = [shown_value(v) for v in combo]
                 name = "_".join([label, *(fragment(n, v) for n, v in zip(names, shown))])

@@ -7,7 +7,9 @@ import math
 import pytest
 
 from lm_opt.errors import UserError
-from lm_opt.study import report
+from lm_opt.study import card_write, report
+from lm_opt.study.rows import load_rows
+from lm_opt.study.speedup_report import card_speedup_lines
 from lm_opt.study.speedup import INTERPOLATIONS, Rung, choose_interpolation, leave_one_out_error, speedup
 
 TOKENS = [100e3, 200e3, 400e3, 800e3, 1.6e6, 3.2e6]
@@ -94,10 +96,9 @@ def run_folder(sweep_dir, name, optimizer, lr, loss, tokens, seed=None, arch=128
                                                   "max_steps": 1, "tokens": tokens, "config": config}))
 
 
-def test_report_reads_each_line_against_the_ladder_of_its_model(tmp_path):
-    """A made-up ladder linear in log tokens (three rungs, three seeds each); a sweep's line at 400k
-    tokens reaching the 800k rung's loss has speedup 2, and a line of another width gets none."""
-    ladder = tmp_path / "adamw_ladder"
+def made_up_ladder(root):
+    """A ladder linear in log tokens at width 128: three rungs, three seeds at each best lr."""
+    ladder = root / "adamw_ladder"
     for tokens in (200_000, 400_000, 800_000):
         loss = log_linear(tokens)
         label = f"adamw_steps{tokens // 2048}"
@@ -105,13 +106,35 @@ def test_report_reads_each_line_against_the_ladder_of_its_model(tmp_path):
         run_folder(ladder, f"{label}_lr0.03", label, 0.03, loss + 0.5, tokens)
         for seed, delta in ((1, -0.02), (2, 0.02)):
             run_folder(ladder, f"{label}_lr0.01_seed{seed}", label, 0.01, loss + delta, tokens, seed)
+    return ladder
+
+
+def setup_line(sweep_dir, label, arch):
+    """A line at 400k tokens whose mean best loss is the ladder's at 800k: speedup 2 at width 128."""
+    for seed, delta in ((None, 0.0), (1, -0.01), (2, 0.01)):
+        run_folder(sweep_dir, f"{label}_lr0.001" + (f"_seed{seed}" if seed else ""), label, 0.001,
+                   log_linear(800_000) + delta, 400_000, seed, arch)
+
+
+def test_report_reads_each_line_against_the_ladder_of_its_model(tmp_path):
+    """A line of the ladder's width reads 2x; a line of another width gets no speedup."""
+    made_up_ladder(tmp_path)
     sweep_dir = tmp_path / "mine"
-    for label, arch in (("lion", 128), ("lion_w256", 256)):
-        for seed, delta in ((None, 0.0), (1, -0.01), (2, 0.01)):
-            run_folder(sweep_dir, f"{label}_lr0.001" + (f"_seed{seed}" if seed else ""), label, 0.001,
-                       log_linear(800_000) + delta, 400_000, seed, arch)
+    setup_line(sweep_dir, "lion", 128)
+    setup_line(sweep_dir, "lion_w256", 256)
     text = report.write_report(sweep_dir, margin=0.1).read_text()
     section = text[text.index("## Speedup over a tuned AdamW"):].splitlines()
     rows = [line for line in section if line.startswith("| lion")]
     assert len(rows) == 1 and "| lion |" in rows[0]
     assert "| 2.00x (" in rows[0] and "linear in log tokens | 0.0% |" in rows[0]
+
+
+@pytest.mark.parametrize("arch,expected", [(128, "a speedup of **2.00x ("),
+                                           (256, "No AdamW ladder of this card's model (the cpu preset at "
+                                                 "{'n_embd': 256}")])
+def test_a_card_states_its_speedup_or_the_ladder_it_lacks(tmp_path, arch, expected):
+    ladder = made_up_ladder(tmp_path)
+    setup_line(tmp_path / "card", "mine", arch)
+    line = card_write.line_stats(load_rows(tmp_path / "card"), "mine", 0.1, "mine")
+    text = "\n".join(card_speedup_lines(line, ladder, 0.1))
+    assert expected in text
