@@ -18,12 +18,14 @@ import json
 import re
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import yaml
 
 from lm_opt.precision import cpu_arithmetic, resolve
+from lm_opt.study.card_horizons import horizon_list, ladder_overrides, run_horizons
 from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, Protocol, baseline_usable, extension, lr_value
 from lm_opt.record import read_summary
 from lm_opt.study.reuse import known_runs
@@ -71,8 +73,9 @@ class Card:
     """The runs of one card: its grid (by quarter-decade step k), seeds, beta1 line and baselines."""
 
     def __init__(self, config: str, name: str, out_root: Path, protocol: Protocol, jobs: int,
-                 baseline_grid: bool = False, commit: bool = False):
+                 baseline_grid: bool = False, commit: bool = False, horizons: list[int] = ()):
         self.config, self.name, self.protocol, self.jobs, self.commit = config, name, protocol, jobs, commit
+        self.horizons = sorted(horizons)
         self.dir = out_root / name
         self.center, self.has_beta1 = optimizer_lr(config)
         self.ks: list[int] = list(range(-protocol.half_width, protocol.half_width + 1))
@@ -95,8 +98,8 @@ class Card:
             point.resolved = self.resolved[point.name]
         return points
 
-    def grid(self) -> list[Point]:
-        values = [lr_value(self.center, k) for k in self.ks]
+    def grid(self, ks: list[int] | None = None) -> list[Point]:
+        values = [lr_value(self.center, k) for k in (self.ks if ks is None else ks)]
         return plan(spec_of(self.name, self.dir, self.protocol, self.name, self.config, {"lr": values}))
 
     def beta1_points(self, best_lr: float) -> list[Point]:
@@ -138,26 +141,33 @@ class Card:
                     self.problems[name] = problem
 
     def lr_grid(self) -> list[Point]:
-        """Grow the seed-0 grid one quarter-decade at a time until its best point is bracketed and its
-        stable range ends inside it (card_plan.extension)."""
+        """The seed-0 grid, grown until bracketed (`grow`)."""
+        points, self.ks = self.grow(self.grid, self.ks, self.center)
+        return points
+
+    def grow(self, points_of: Callable[[list[int]], list[Point]], ks: list[int], center: float,
+             sweep: str | None = None) -> tuple[list[Point], list[int]]:
+        """Run the grid `points_of(ks)` (lr `center` x 10^(k/4)), growing it one quarter-decade at a
+        time until its best point is bracketed and its stable range ends inside it
+        (card_plan.extension); returns its points and steps."""
         grown = {-1: 0, 1: 0}
         while True:
-            points = self.grid()
-            self.run(self.checked(points))
+            points = points_of(ks)
+            self.run(self.checked(points), sweep)
             results = {k: {"status": s.status, "final_val_loss": s.final_val_loss}
-                       for k, s in zip(self.ks, (read_summary(p.run_dir) for p in points))}
+                       for k, s in zip(ks, (read_summary(p.run_dir) for p in points))}
             k, why = extension(results, self.protocol.margin)
             if k is None:
                 self.log.append(why)
-                return points
-            side = -1 if k < self.ks[0] else 1
+                return points, ks
+            side = -1 if k < ks[0] else 1
             if grown[side] >= self.protocol.max_extend:
                 self.log.append(f"not bracketed: {why}, but the grid grew {grown[side]} quarter-decades on that side "
                                 f"already (the protocol's limit)")
-                return points
+                return points, ks
             grown[side] += 1
-            self.log.append(f"{why}: added lr {lr_value(self.center, k):.3g}")
-            self.ks = sorted([*self.ks, k])
+            self.log.append(f"{why}: added lr {lr_value(center, k):.3g}")
+            ks = sorted([*ks, k])
 
     def run_all(self) -> dict:
         """Every run of the card, then its timing; returns what the writing needs."""
@@ -186,7 +196,8 @@ class Card:
             if best_beta1 is not None:
                 self.run(self.checked([with_seed(best_beta1, s) for s in self.protocol.beta1_seeds]))
         timing = self.timing(best)
-        return {"usable": usable, "grid": grid, "best": best, "timing": timing}
+        horizons = run_horizons(self) if self.horizons else []
+        return {"usable": usable, "grid": grid, "best": best, "timing": timing, "horizons": horizons}
 
     def timing(self, best: Point) -> dict:
         """Step time of the best point's optimizer against AdamW's, side by side in this process
@@ -254,23 +265,26 @@ def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) ->
 
 
 def new_card(config: str, name: str | None, out_root: str | Path, jobs: int, protocol: Protocol | None = None,
-             baseline_grid: bool = False, commit: bool = False) -> Card:
+             baseline_grid: bool = False, commit: bool = False, horizons: list[int] = ()) -> Card:
     """The card of the command's arguments, checked: a SpecError names the one that is wrong."""
     if jobs < 1:
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
+    if horizons:
+        ladder_overrides((protocol or Protocol()).ladder_spec)  # a missing or broken ladder spec fails here
     name = name or Path(config).stem
     if not re.fullmatch(r"[\w.+-]+", name):
         raise SpecError(f"--name must be a word like 'adamw' (it names the card's folder), got {name!r}")
-    return Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid, commit)
+    return Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid, commit, horizons)
 
 
 def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/cards", jobs: int = 1,
-             protocol: Protocol | None = None, baseline_grid: bool = False, commit: bool = False) -> Card:
+             protocol: Protocol | None = None, baseline_grid: bool = False, commit: bool = False,
+             horizons: list[int] = ()) -> Card:
     """Run (or resume) the card's points and write its card.md; returns the card."""
     from lm_opt.study.card_write import write_card
 
     start = time.time()
-    card = new_card(config, name, out_root, jobs, protocol, baseline_grid, commit)
+    card = new_card(config, name, out_root, jobs, protocol, baseline_grid, commit, horizons)
     ran = card.run_all()
     for point, problem in card.problems.items():
         print(f"CRASHED {point}: {problem}; rerun the card to retry", flush=True)
@@ -292,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
                              "more), so that the stable width is compared on this CPU kind")
     parser.add_argument("--commit", action="store_true",
                         help="git-commit each point's record (not its checkpoints) as soon as it is done, and the card")
+    parser.add_argument("--horizons", type=horizon_list, default=[],
+                        help="lengths in steps, e.g. 200,800,3200: the optimizer retuned at each length at the AdamW "
+                             "ladder's model, 3 seeds at each best, read as a speedup (lm_opt.study.card_horizons)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the YAML, print the plan, the baselines it would read or rerun and an estimate "
                              "of the wall clock here; train nothing, write nothing")
@@ -302,6 +319,6 @@ def main(argv: list[str] | None = None) -> None:
 
             return dry_run(new_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid))
         card = run_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid,
-                        commit=args.commit)
+                        commit=args.commit, horizons=args.horizons)
     if card.problems:
         raise SystemExit(1)

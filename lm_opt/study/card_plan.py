@@ -62,6 +62,8 @@ class Protocol:
     """Timed steps per round of the side-by-side step-time run (after `timing_warmup`)."""
     timing_warmup: int = 3
     timing_rounds: int = 5
+    ladder_spec: str = "configs/sweeps/adamw_ladder.yaml"
+    """The AdamW ladder whose model, data and precision `--horizons` runs at, and whose records it reads."""
 
 
 def lr_value(center: float, k: int) -> float:

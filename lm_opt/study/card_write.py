@@ -11,6 +11,7 @@ from pathlib import Path
 from lm_opt.precision import cpu_arithmetic, describe
 from lm_opt.provenance import optimizer_packages
 from lm_opt.record import SUMMARY_FILE
+from lm_opt.study.card_horizons import horizon_section
 from lm_opt.study.card_plan import ADAMW_YAML, REFERENCE, loss_at, loss_verdict, stability_verdict
 from lm_opt.study.plots import plot
 from lm_opt.study.report import baseline
@@ -334,6 +335,7 @@ def write_card(card, ran: dict, elapsed: float) -> Path:
     if unigram is not None:
         lines += [f"Unigram baseline of the validation set: {unigram:.4f} nats.", ""]
     lines += card_speedup_lines(mine[0], card.dir.parent.parent / "sweeps" / LADDER, margin)
+    lines += horizon_section(card, margin)
     lines += steps + ["## Figures", "", *figures(card, mine, theirs, goals, unigram), ""]
     best = ran.get("best")
     if best is not None:
