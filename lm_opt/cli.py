@@ -208,7 +208,10 @@ class LMOptCLI(LightningCLI):
         logger whose folder is held, so that a logger that numbers its versions does not count the
         folder that the lock has just made."""
         self.run_logger, folder = run_folder(trainer)
-        self.run_lock = try_lock(folder, "fit")
+        try:
+            self.run_lock = try_lock(folder, "fit")
+        except OSError as err:
+            raise UserError(f"{folder}: cannot write the run folder there: {err}") from err
         if self.run_lock is None:
             raise UserError(f"{folder} is in use by {holder_of(folder)}: wait for it to end, or start another run "
                             "with --trainer.logger.init_args.name NAME (or .version)")

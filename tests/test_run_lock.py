@@ -99,6 +99,12 @@ def test_a_filesystem_without_locks_gets_a_warning_and_blocks_nobody(tmp_path, m
     lock.release()
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    error = fit_fails(capsys, *tiny_args(tmp_path / "file", "run", 2))
+    assert error.startswith(f"error: {tmp_path / 'file' / 'run'}: cannot write the run folder there: ")
+
+
 @pytest.mark.slow
 def test_a_fit_into_a_folder_in_use_stops_before_building_anything_and_a_killed_holder_blocks_nobody(
         tmp_path, capsys, caplog, embedded_corpus):
