@@ -125,8 +125,8 @@ def test_a_fit_into_a_folder_in_use_stops_before_building_anything_and_a_killed_
 @pytest.mark.slow
 def test_two_fits_started_at_once_into_one_folder_run_once(tmp_path, embedded_corpus):
     """Two `python -m lm_opt fit` processes under one logger name and version: one trains, the other
-    refuses (exit 2) naming the first, and the folder holds one run's events and summary. About 25 s
-    on 2 busy cores: each needs a fresh interpreter, and two starting at once share the cores."""
+    refuses (exit 2) naming the first, and the folder holds one run's events and summary. About 20 s:
+    each is a fresh interpreter, and two starting at once share the cores."""
     args = [sys.executable, "-m", "lm_opt", *tiny_args(tmp_path, "run", 4)]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

@@ -76,7 +76,8 @@ def test_a_point_command_run_alone_holds_its_folder_and_refuses_one_in_use(tmp_p
 def test_two_sweeps_started_at_once_run_each_point_once(tmp_path, embedded_corpus):
     """Two `python -m lm_opt sweep` processes on one spec, as two terminals: each point runs once, in
     one of them, and ends with one run's events and summary; both end with the whole report. About
-    40 s on 2 busy cores: each sweep and each point is a fresh interpreter, as a user's are."""
+    40 s of CPU, 60 s of wall clock on 2 cores that a background sweep shares: each sweep and each
+    point is a fresh interpreter, as a user's are, and it takes two sweeps to share a folder."""
     spec = write_spec(tmp_path, optimizers={
         "adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [1e-2]}},
         "signum": {"config": "configs/optim/signum.yaml", "grid": {"lr": [1e-3]}}},
