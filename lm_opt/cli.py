@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -31,6 +34,7 @@ from lm_opt.errors import DEBUG_ENV, UserError, debug_mode, invalid_yaml
 from lm_opt.module import LMModule
 from lm_opt.precision import Trainer
 from lm_opt.record import SUMMARY_FILE, read_summary, summary_path
+from lm_opt.run_lock import holder_of, try_lock
 from lm_opt.schedule import resolve_max_steps
 from lm_opt.user_yaml import load_yaml
 
@@ -117,6 +121,27 @@ def check_fresh_run(log_dir: Path, ckpt_path: str | None) -> None:
                     "with --trainer.logger.init_args.name NAME (or .version)")
 
 
+def run_folder(trainer: Namespace) -> tuple[Logger | None, Path]:
+    """The first logger, built from the trainer's config as Lightning builds it, and the folder that
+    Lightning's `Trainer.log_dir` then names: the folder the run writes in."""
+    root = trainer.default_root_dir or os.getcwd()
+    logger = trainer.logger[0] if isinstance(trainer.logger, list) and trainer.logger else trainer.logger
+    if logger is True:
+        logger = TensorBoardLogger(root, version=SLURMEnvironment.job_id())
+    elif logger:
+        logger = instantiate_class((), logger.as_dict())
+    else:
+        return None, Path(root)
+    folder = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+    return logger, Path(folder or root)
+
+
+def global_zero() -> bool:
+    """Whether this process is the run's rank 0, before Lightning knows: rank 0 as torchrun, srun or
+    Lightning's launcher number it (Lightning's own reading of them), on the first node."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
 class LMOptParser(LightningArgumentParser):
     """Ends a parse error as its `error:` line alone: the usage of every option above it buries it."""
 
@@ -133,20 +158,25 @@ def one_line(message: str) -> str:
 
 class LMOptCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
-        super().__init__(
-            LMModule,
-            C4DataModule,
-            save_config_callback=RunRecord,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults=TRAINER_DEFAULTS,
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-            args=args,
-            run=run,
-            parser_class=LMOptParser,
-            parser_kwargs={"prog": "python -m lm_opt"},  # not `__main__.py`, in every usage line
-            trainer_class=Trainer,
-        )
+        self.run_lock, self.run_logger = None, None
+        try:
+            super().__init__(
+                LMModule,
+                C4DataModule,
+                save_config_callback=RunRecord,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults=TRAINER_DEFAULTS,
+                auto_configure_optimizers=False,
+                seed_everything_default=0,
+                args=args,
+                run=run,
+                parser_class=LMOptParser,
+                parser_kwargs={"prog": "python -m lm_opt"},  # not `__main__.py`, in every usage line
+                trainer_class=Trainer,
+            )
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
@@ -163,14 +193,30 @@ class LMOptCLI(LightningCLI):
         if args is None or isinstance(args, list):
             check_yaml_files(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
-        # Lightning reads the hyperparameters of ckpt_path right after parsing: check the file first.
         subcommand = self.config.get("subcommand")
+        if subcommand == "fit" and global_zero():
+            self.lock_run_folder(self.config.fit.trainer)
+        # Lightning reads the hyperparameters of ckpt_path right after parsing: check the file first.
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path in (None, "last", "best", "hpc", "registry"):  # Lightning resolves these itself
             return
         if not Path(ckpt_path).is_file():
             raise UserError(f"ckpt_path={ckpt_path!r} does not exist")
         check_checkpoint(Path(ckpt_path), vars(self.config[subcommand]["model"]))
+
+    def lock_run_folder(self, trainer: Namespace) -> None:
+        """Hold the run folder (lm_opt.run_lock) until the run ends, from before the model and data are
+        built: a `fit` into a folder that another live process holds stops here. The trainer gets the
+        logger whose folder is held, so that a logger that numbers its versions does not count the
+        folder that the lock has just made."""
+        self.run_logger, folder = run_folder(trainer)
+        try:
+            self.run_lock = try_lock(folder, "fit")
+        except OSError as err:
+            raise UserError(f"{folder}: cannot write the run folder there: {err}") from err
+        if self.run_lock is None:
+            raise UserError(f"{folder} is in use by {holder_of(folder)}: wait for it to end, or start another run "
+                            "with --trainer.logger.init_args.name NAME (or .version)")
 
     def instantiate_classes(self) -> None:
         try:
@@ -181,7 +227,8 @@ class LMOptCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, with lm_opt's progress bar and model summary in place of Lightning's defaults,
-        and pre-emption handling (a fresh instance per run: it holds the run's signal)."""
+        pre-emption handling (a fresh instance per run: it holds the run's signal) and, in a `fit`, the
+        logger of the folder it holds (lock_run_folder)."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
         has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
@@ -191,6 +238,9 @@ class LMOptCLI(LightningCLI):
             callbacks.append(ParameterSummary())
             kwargs["enable_model_summary"] = False  # Lightning would add its own, and say so
         callbacks.append(Preemption())
+        if self.run_logger is not None:
+            loggers = config.get("logger")
+            kwargs["logger"] = [self.run_logger, *loggers[1:]] if isinstance(loggers, list) else self.run_logger
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -33,8 +33,9 @@ RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write through a temporary file and rename, so a reader never sees half a file (the temporary
+    file is this process's own: two sweeps sharing a folder write its point records at once)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
 
@@ -165,7 +166,7 @@ def write_point(run_dir: Path, record: PointRecord) -> None:
     data = asdict(record)
     if record.copied_from is None:
         del data["copied_from"]
-    (Path(run_dir) / POINT_FILE).write_text(json.dumps(data, indent=2))
+    write_json_atomic(Path(run_dir) / POINT_FILE, data)  # another sweep may be reading it
 
 
 def read_baseline(sweep_dir: Path) -> dict[str, Any] | None:

@@ -1,5 +1,5 @@
 """A run killed with SIGKILL while it checkpoints every step leaves a loadable last.ckpt, and
-rerunning with `--ckpt_path last` finishes it."""
+rerunning with `--ckpt_path last` takes its folder over and finishes it."""
 
 import os
 import signal
@@ -32,6 +32,7 @@ def test_kill_during_checkpointing_keeps_a_loadable_last_checkpoint(tmp_path):
     killed_at = checkpoint["global_step"]
     assert 0 < killed_at < 16
     assert not (tmp_path / "killed" / "summary.json").exists()
-    subprocess.run([sys.executable, "-m", "lm_opt", *args, "--ckpt_path", "last"], cwd=ROOT, check=True,
-                   capture_output=True, timeout=600)
+    resumed = subprocess.run([sys.executable, "-m", "lm_opt", *args, "--ckpt_path", "last"], cwd=ROOT, check=True,
+                             capture_output=True, text=True, timeout=600)
+    assert f"{tmp_path / 'killed'}: taking it over from pid {proc.pid} " in resumed.stderr  # the lock died with it
     assert summary(tmp_path / "killed")["steps"] == 16

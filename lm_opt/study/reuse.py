@@ -17,6 +17,7 @@ from pathlib import Path
 from lm_opt.precision import cpu_arithmetic, resolve, same_kind
 from lm_opt.provenance import cpu_name, installed_version, package_versions
 from lm_opt.record import POINT_FILES, sweep_runs
+from lm_opt.run_lock import LOCK_FILES
 from lm_opt.study.sweep_plan import DONE, Point
 
 
@@ -67,8 +68,8 @@ def known_runs(sweeps_root: Path, threads: int, cards_root: Path | None = None) 
 
 
 def copy_record(source: Path, point: Point) -> None:
-    """`source`'s files (not its checkpoints) into the point's folder, which has no run of its own."""
+    """`source`'s files (not its checkpoints, nor its lock) into the point's folder, which has no run of its own."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
-        if item.is_file() and item.name not in POINT_FILES:
+        if item.is_file() and item.name not in POINT_FILES + LOCK_FILES:
             shutil.copy2(item, point.run_dir / item.name)

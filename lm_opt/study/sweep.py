@@ -15,6 +15,10 @@ With `--commit`, each point's record (its folder but checkpoints and event files
 the checkout's git as soon as the point is done, so that a study longer than one sitting can be
 pushed as it goes and resumed from a fresh clone, which skips the committed points. With
 `--drop-checkpoints`, a done point's checkpoints are deleted once its record is written (and committed).
+
+Several sweeps may share one folder (two terminals, a Slurm array beside a local sweep): each point
+runs once, under its run folder's lock, in whichever process claims it first, and the others wait
+for its result (lm_opt.study.claims).
 """
 
 import argparse
@@ -27,36 +31,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from lm_opt.precision import cpu_arithmetic, describe, same_kind
-from lm_opt.record import (COMMAND_FILE, LOG_FILE, OPTIMIZER_YAML, SPEC_FILE, SUMMARY_FILE, PointRecord, read_point,
-                           read_summary, write_point as write_point_record)
+from lm_opt.record import COMMAND_FILE, LOG_FILE, SPEC_FILE, SUMMARY_FILE, read_summary
+from lm_opt.run_lock import FD_ENV, LOCK_FILES
+from lm_opt.study.claims import Claims, copy_if_free
 from lm_opt.study.report import write_report
-from lm_opt.study.reuse import copy_record, known_runs, run_key
+from lm_opt.study.reuse import known_runs, run_key
 from lm_opt.study.sweep_plan import (DONE, Point, SpecError, command_endings, line_of, load_spec, plan, validate,
                                      with_seed)
+from lm_opt.study.sweep_point import STARTING, command_of, point_state, read_status, recorded_command, write_point
 from lm_opt.study.sweep_repeats import stable_repeats
 
 FLOAT32 = "32-true"
-STARTING = {"resume": " (resuming from last.ckpt)", "retry": " (again: its last attempt did not finish)"}
-"""How a point's start is announced, by its `point_state`."""
-
-
-def point_state(run_dir: Path) -> str:
-    """`done` (finished or diverged), `resume` (from last.ckpt), `retry` (ended unfinished without a
-    checkpoint) or `start`."""
-    status = read_status(run_dir)
-    if status in DONE:
-        return "done"
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return "resume"
-    return "retry" if status else "start"
-
-
-def read_status(run_dir: Path) -> str | None:
-    """The run's status (`finished`, `diverged`, `failed`, ...); None before it has ended."""
-    return read_summary(run_dir).status
 
 
 @dataclass(frozen=True)
@@ -88,49 +74,6 @@ class WhenDone:
                 print(f"deleted the checkpoints of {len(held)} done points (--drop-checkpoints)", flush=True)
 
 
-COMMAND_TEMPLATE = """#!/usr/bin/env bash
-# Point {name} of sweep {sweep} (`python -m lm_opt sweep`). Run, rerun or resume it alone:
-#   bash {script}
-# A finished or diverged point is left alone; an interrupted one resumes from last.ckpt.
-# Runs from any clone: it starts where the sweep ran, relative to this file, with $PYTHON or `python`.
-set -e
-cd "$(dirname "${{BASH_SOURCE[0]}}")"/{cwd}
-RUN={run_dir}
-if [ -f "$RUN/{summary}" ] && grep -Eq '"status": "({done})"' "$RUN/{summary}"; then
-  echo "$RUN is done: $(grep -Eo '"status": "[a-z]+"' "$RUN/{summary}")"
-  exit 0
-fi
-RESUME=()
-if [ -f "$RUN/checkpoints/last.ckpt" ]; then RESUME=(--ckpt_path last)
-elif [ "${{SLURM_PROCID:-0}}" = 0 ]; then  # an attempt without a checkpoint starts over (once, under srun)
-  rm -f "$RUN"/events.out.tfevents.* "$RUN/{summary}"
-fi
-exec "${{PYTHON:-python}}" {command} "${{RESUME[@]}}"
-"""
-
-
-def shell_lines(command: list[str]) -> str:
-    """The command quoted for bash, one `--key value` per line."""
-    lines: list[list[str]] = [[]]
-    for arg in command:
-        if arg.startswith("--") and lines[-1]:
-            lines.append([])
-        lines[-1].append(shlex.quote(arg))
-    return " \\\n  ".join(" ".join(line) for line in lines)
-
-
-def command_of(point: Point) -> list[str]:
-    """The point's full command, as written to its command.sh and its point record: `python` is
-    whichever interpreter runs it (`$PYTHON` in command.sh, which `sweep` sets to its own)."""
-    return ["python", "-m", "lm_opt", *point.fit_args()]
-
-
-def recorded_command(run_dir: Path) -> list[str] | None:
-    """The command a point's folder was last written with; None where it has no point record."""
-    record = read_point(run_dir)
-    return None if record is None else record.command
-
-
 def commit_record(point: Point) -> None:
     """Commit a done point's folder, less checkpoints and event files, and nothing else that is staged."""
     summary = read_summary(point.run_dir)
@@ -153,7 +96,8 @@ def commit_files(folder: Path, message: str) -> None:
     """Commit the files directly in `folder` (not its subfolders or event files), ignored or not, and
     nothing else that is staged, to the repository that holds `folder`; a failure is a warning (the
     files stay on disk)."""
-    files = [f.name for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith("events.out")]
+    files = [f.name for f in sorted(folder.iterdir())
+             if f.is_file() and not f.name.startswith("events.out") and f.name not in LOCK_FILES]
     git = ["git", "-C", str(folder)]
     try:
         subprocess.run([*git, "add", "--force", "--", *files], check=True, capture_output=True, text=True)
@@ -162,25 +106,6 @@ def commit_files(folder: Path, message: str) -> None:
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
         print(f"warning: could not commit {folder}: {str(detail).strip()}", flush=True)
-
-
-def write_point(point: Point, sweep: str, copied_from: Path | None = None) -> Path:
-    """The point's folder: its optimizer YAML, `command.sh` and point record (with the run folder
-    its record was copied from, if it was)."""
-    point.run_dir.mkdir(parents=True, exist_ok=True)
-    header = f"# Optimizer of point {point.name} of sweep {sweep}, written by `python -m lm_opt sweep`.\n"
-    (point.run_dir / OPTIMIZER_YAML).write_text(header + yaml.safe_dump(point.optimizer_yaml, sort_keys=False))
-    command = command_of(point)
-    script = point.run_dir / COMMAND_FILE
-    script.write_text(COMMAND_TEMPLATE.format(
-        name=point.name, sweep=sweep, script=shlex.quote(str(script)),
-        cwd=shlex.quote(os.path.relpath(os.getcwd(), point.run_dir.resolve())),
-        run_dir=shlex.quote(str(point.run_dir)), summary=SUMMARY_FILE, done="|".join(DONE),
-        command=shell_lines(command[1:])))
-    script.chmod(0o755)
-    write_point_record(point.run_dir, PointRecord(sweep, point.name, point.optimizer, point.values, point.shared, command,
-                                                  None if copied_from is None else str(copied_from)))
-    return script
 
 
 SIGNAL_AHEAD_S = 300
@@ -251,16 +176,18 @@ def outcome(point: Point, returncode: int) -> str | None:
 
 
 def launch(point: Point, slot: str | None, env: dict) -> subprocess.Popen:
-    """Start the point's command.sh, its output appended to fit.log, on GPU `slot` if any."""
+    """Start the point's command.sh, its output appended to fit.log, on GPU `slot` if any, with the
+    descriptor of the point's lock that `env` names (FD_ENV) open in it."""
     env = dict(env, PYTHON=sys.executable, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
     with open(point.run_dir / LOG_FILE, "ab") as log:
         return subprocess.Popen(["bash", str(point.run_dir / COMMAND_FILE)], stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
+                                env=env, pass_fds=[int(env[FD_ENV])] if FD_ENV in env else [])
 
 
 def execute(points: list[Point], jobs: int, when_done: WhenDone = WhenDone()) -> dict[str, str | None]:
-    """Run the points' command.sh, `jobs` at a time (one GPU each where there are GPUs), settling each
-    point that ends done as `when_done` says."""
+    """Run the points' command.sh, `jobs` at a time (one GPU each where there are GPUs), each under its
+    lock (Claims), settling each point that ends done as `when_done` says. Returns once every point
+    has ended, here or in the process that held it."""
     gpus = gpu_slots()
     slots: list[str | None] = gpus[:jobs] if gpus else [None] * jobs
     if gpus and jobs > len(gpus):
@@ -268,23 +195,25 @@ def execute(points: list[Point], jobs: int, when_done: WhenDone = WhenDone()) ->
     env = dict(os.environ)
     if not gpus and jobs > 1:  # share the CPU cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(threads_per_job(jobs))
-    pending, running, results = list(enumerate(points, 1)), {}, {}
+    claims, running, results = Claims(points), {}, {}
     try:
-        while pending or running:
-            while pending and slots:
-                (i, point), slot = pending.pop(0), slots.pop(0)
+        while claims or running:
+            while slots and (claimed := claims.next(results)):
+                (i, point, lock), slot = claimed, slots.pop(0)
                 print(f"[{i}/{len(points)}] start {point.name}{STARTING.get(point_state(point.run_dir), '')}"
                       + (f" on GPU {slot}" if slot is not None else ""), flush=True)
-                running[launch(point, slot, env)] = (i, point, slot, time.time())
+                handed = {FD_ENV: str(lock.fd)} if lock.fd is not None else {}
+                running[launch(point, slot, dict(env, **handed))] = (i, point, slot, lock, time.time())
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
-                i, point, slot, start = running.pop(proc)
+                i, point, slot, lock, start = running.pop(proc)
                 slots.append(slot)
                 results[point.name] = problem = outcome(point, proc.returncode)
                 status = read_status(point.run_dir) if problem is None else f"CRASHED ({problem})"
                 print(f"[{i}/{len(points)}] {point.name}: {status} after {time.time() - start:.0f} s", flush=True)
                 if point_state(point.run_dir) == "done":
                     when_done.settle(point)
+                lock.release()
     except KeyboardInterrupt:
         # Ctrl-C reached the points too (one process group): let them write `interrupted` summaries.
         for proc in running:
@@ -335,9 +264,7 @@ def prepare(points: list[Point], spec: dict, runs: dict[str, Path] | None = None
     for point in points:  # a done point keeps the record of what it ran
         fresh = states[point.name] == "start" and runs and point.resolved
         source = runs.get(run_key(point.resolved)) if fresh else None  # a done run is never "start"
-        if source is not None:
-            copy_record(source, point)
-            write_point(point, spec["name"], copied_from=source)
+        if source is not None and copy_if_free(point, source, spec["name"]):
             states[point.name] = "done"
             print(f"{point.name}: done already as {source} (same config, precision, CPU and its kind, threads and packages); "
                   f"its record copied", flush=True)

@@ -18,11 +18,11 @@ values are mappings is a paired axis: each value sets several keys together, e.g
 optimizer.init_args.lr: 1.0e-3, routes.1.optimizer.init_args.lr: 1.0e-3}, ...]`) is named by it.
 
 The length of training is swept in the shared grid (`trainer.max_steps: [50, 200, 800]`) or set in
-an optimizer's own overrides (one label per length, each with its own lr grid): either way each
-length is a line of its own, compared at the end of its own schedule, and what depends on the
-length is scaled by it (`scale_to_length`): the warmup is a fraction of the run, and the
-validation and checkpoint intervals, given in the spec's overrides at its own `trainer.max_steps`,
-are scaled to each point's.
+an optimizer's own overrides (one label per length, each with its own lr grid, where the spec's
+overrides give the reference below): either way each length is a line of its own, compared at the
+end of its own schedule, and what depends on the length is scaled by it (`scale_to_length`): the
+warmup is a fraction of the run, and the validation and checkpoint intervals, given in the spec's
+overrides at its own `trainer.max_steps`, are scaled to each point's.
 """
 
 import copy
@@ -202,11 +202,13 @@ def load_spec(path: str | Path) -> dict:
         if LENGTH_KEY in entry["grid"]:
             raise SpecError(f"{where}.grid.{LENGTH_KEY}: sweep the length in the shared `grid`, so that each "
                             "length is a line of its own, with its own best point")
-    lengths = spec["grid"].get(LENGTH_KEY, []) + [e["overrides"][LENGTH_KEY] for e in optimizers.values()
-                                                   if LENGTH_KEY in e["overrides"]]
-    spec["scales_length"] = bool(lengths)
-    if lengths:
-        check_length_reference(spec["overrides"], lengths)
+    own = [e["overrides"][LENGTH_KEY] for e in optimizers.values() if LENGTH_KEY in e["overrides"]]
+    # A length in an optimizer's overrides scales where the spec gives the intervals' reference (a
+    # ladder); without it, it is one fixed setting of that optimizer, its intervals as given.
+    reference = all(key in spec["overrides"] for key in (LENGTH_KEY, *SCALED_INTERVALS))
+    spec["scales_length"] = LENGTH_KEY in spec["grid"] or bool(own) and reference
+    if spec["scales_length"]:
+        check_length_reference(spec["overrides"], spec["grid"].get(LENGTH_KEY, []) + own)
     return spec
 
 
