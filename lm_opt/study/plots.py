@@ -43,6 +43,12 @@ def momentum_scale(ax, xs: list[float], axis: str) -> str:
     return f"{axis} (spaced by log 1 / (1 - {axis}))"
 
 
+def in_order(tag) -> tuple:
+    """Panels by number where their tags are numbers (steps 50 before 400), else by name."""
+    number = isinstance(tag, (int, float)) and not isinstance(tag, bool)
+    return (not number, tag if number else 0, str(tag))
+
+
 def plot(rows: list[Row], axis: str, path: Path, noise: dict[tuple, dict] | None = None,
          unigram: float | None = None, panel: str | None = None) -> bool:
     """Final val loss against `axis` (log scale over more than a decade; a beta on the log scale of
@@ -58,7 +64,7 @@ def plot(rows: list[Row], axis: str, path: Path, noise: dict[tuple, dict] | None
             and r.status in ("finished", "diverged") and r.seed is None]
     if not rows:
         return False
-    tags = sorted({r.values.get(panel) for r in rows}, key=str) if panel else [None]
+    tags = sorted({r.values.get(panel) for r in rows}, key=in_order) if panel else [None]
     fig, axes = plt.subplots(1, len(tags), figsize=(7 if not panel else 4.2 * len(tags), 4.5), sharey=True,
                              squeeze=False)
     colors = {o: f"C{i % 10}" for i, o in enumerate(dict.fromkeys(r.optimizer for r in rows))}

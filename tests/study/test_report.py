@@ -263,3 +263,10 @@ def test_each_panel_is_timed_to_its_own_reference_loss(tmp_path):
     assert "| signum | width=128 | 1.00e-03 | 1 / 1 | 9 | 9 .. 9 |" in narrow  # 5 + 5 x 0.5 / 0.6
     assert "| signum | width=256 | 1.00e-03 | 0 / 1 | not reached |" in wide
     assert re.search(r"\| signum \| width=256 .*\| 800 \| 2\.00 \|", wide)
+
+
+def test_panels_tagged_by_numbers_go_in_numeric_order():
+    from lm_opt.study.plots import in_order
+
+    assert sorted([3200, 50, 400], key=in_order) == [50, 400, 3200]  # a length ladder's panels
+    assert sorted(["w512", "w128"], key=in_order) == ["w128", "w512"]
