@@ -73,9 +73,10 @@ class Card:
     """The runs of one card: its grid (by quarter-decade step k), seeds, beta1 line and baselines."""
 
     def __init__(self, config: str, name: str, out_root: Path, protocol: Protocol, jobs: int,
-                 baseline_grid: bool = False, commit: bool = False, horizons: list[int] = ()):
+                 baseline_grid: bool = False, commit: bool = False, horizons: list[int] = (),
+                 length_keys: list[str] = ()):
         self.config, self.name, self.protocol, self.jobs, self.commit = config, name, protocol, jobs, commit
-        self.horizons = sorted(horizons)
+        self.horizons, self.length_keys = sorted(horizons), list(length_keys)
         self.dir = out_root / name
         self.center, self.has_beta1 = optimizer_lr(config)
         self.ks: list[int] = list(range(-protocol.half_width, protocol.half_width + 1))
@@ -265,7 +266,8 @@ def time_steps(best: Point, protocol: Protocol, precision: str, threads: int) ->
 
 
 def new_card(config: str, name: str | None, out_root: str | Path, jobs: int, protocol: Protocol | None = None,
-             baseline_grid: bool = False, commit: bool = False, horizons: list[int] = ()) -> Card:
+             baseline_grid: bool = False, commit: bool = False, horizons: list[int] = (),
+             length_keys: list[str] = ()) -> Card:
     """The card of the command's arguments, checked: a SpecError names the one that is wrong."""
     if jobs < 1:
         raise SpecError(f"--jobs must be >= 1, got {jobs}")
@@ -274,17 +276,20 @@ def new_card(config: str, name: str | None, out_root: str | Path, jobs: int, pro
     name = name or Path(config).stem
     if not re.fullmatch(r"[\w.+-]+", name):
         raise SpecError(f"--name must be a word like 'adamw' (it names the card's folder), got {name!r}")
-    return Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid, commit, horizons)
+    if length_keys and not horizons:
+        raise SpecError("--length-keys sets optimizer hyperparameters to each length of --horizons; give --horizons")
+    return Card(config, name, Path(out_root), protocol or Protocol(), jobs, baseline_grid, commit, horizons,
+                length_keys)
 
 
 def run_card(config: str, name: str | None = None, out_root: str | Path = "logs/cards", jobs: int = 1,
              protocol: Protocol | None = None, baseline_grid: bool = False, commit: bool = False,
-             horizons: list[int] = ()) -> Card:
+             horizons: list[int] = (), length_keys: list[str] = ()) -> Card:
     """Run (or resume) the card's points and write its card.md; returns the card."""
     from lm_opt.study.card_write import write_card
 
     start = time.time()
-    card = new_card(config, name, out_root, jobs, protocol, baseline_grid, commit, horizons)
+    card = new_card(config, name, out_root, jobs, protocol, baseline_grid, commit, horizons, length_keys)
     ran = card.run_all()
     for point, problem in card.problems.items():
         print(f"CRASHED {point}: {problem}; rerun the card to retry", flush=True)
@@ -309,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--horizons", type=horizon_list, default=[],
                         help="lengths in steps, e.g. 200,800,3200: the optimizer retuned at each length at the AdamW "
                              "ladder's model, 3 seeds at each best, read as a speedup (lm_opt.study.card_horizons)")
+    parser.add_argument("--length-keys", type=lambda text: text.split(","), default=[],
+                        help="with --horizons: the optimizer's init_args counted in steps of the run (AdEMAMix's "
+                             "t_alpha_beta3), set to each length's steps")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the YAML, print the plan, the baselines it would read or rerun and an estimate "
                              "of the wall clock here; train nothing, write nothing")
@@ -319,6 +327,6 @@ def main(argv: list[str] | None = None) -> None:
 
             return dry_run(new_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid))
         card = run_card(args.config, args.name, args.out, args.jobs, baseline_grid=args.baseline_grid,
-                        commit=args.commit, horizons=args.horizons)
+                        commit=args.commit, horizons=args.horizons, length_keys=args.length_keys)
     if card.problems:
         raise SystemExit(1)

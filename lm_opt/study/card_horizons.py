@@ -40,8 +40,10 @@ def horizon_points(card, steps: int, center: float, ks: list[int]) -> list[Point
     from lm_opt.study.card import spec_of
 
     values = [lr_value(center, k) for k in ks]
+    # Hyperparameters counted in steps of the run (AdEMAMix's t_alpha_beta3) take each length's own.
+    own = {f"optimizer.init_args.{key}": steps for key in card.length_keys}
     spec = spec_of(card.name, card.dir / "horizons", card.protocol, f"{card.name}_steps{steps}", card.config,
-                   {"lr": values}, {"trainer.max_steps": steps})
+                   {"lr": values}, {"trainer.max_steps": steps, **own})
     spec.update(overrides=dict(ladder_overrides(card.protocol.ladder_spec)), scales_length=True)
     return plan(spec)
 

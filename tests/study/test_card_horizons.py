@@ -91,3 +91,19 @@ def test_horizons_retune_each_length_around_the_last_best_and_read_against_the_l
 def test_horizons_must_be_distinct_positive_steps(text):
     with pytest.raises(Exception, match="steps"):
         horizon_list(text)
+
+
+def test_length_keys_take_each_lengths_steps(tmp_path):
+    """AdEMAMix warms alpha and beta3 over `t_alpha_beta3` steps: at each length, over its own."""
+    mine = card.new_card("configs/cards/ademamix.yaml", "ademamix", tmp_path, 1, horizons=[800],
+                         length_keys=["t_alpha_beta3"])
+    from lm_opt.study.card_horizons import horizon_points
+
+    point = horizon_points(mine, 800, 3.16e-3, [0])[0]
+    args = point.optimizer_yaml["trainer"]["callbacks"][0]["init_args"]["optimizer"]["init_args"]
+    assert (args["t_alpha_beta3"], args["lr"], point.name) == (800, 3.16e-3, "ademamix_steps800_lr3.16e-03")
+
+
+def test_length_keys_without_horizons_are_refused(tmp_path):
+    with pytest.raises(card.SpecError, match="give --horizons"):
+        card.new_card("configs/cards/ademamix.yaml", "ademamix", tmp_path, 1, length_keys=["t_alpha_beta3"])
