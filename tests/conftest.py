@@ -35,3 +35,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# What the math libraries were held to (.ci/as-kind): runs compare bit for bit only on one kind.
+HELD = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
+        "NPY_DISABLE_CPU_FEATURES")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The CPU kind the suite computed as, in lm_opt.precision's terms (without importing Lightning)."""
+    import torch
+
+    native = "native" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "emulated"
+    held = " ".join(f"{k}={os.environ[k]}" for k in HELD if k in os.environ) or "nothing held (.ci/as-kind)"
+    terminalreporter.write_line(f"cpu: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {native}; {held}")

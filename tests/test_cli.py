@@ -69,7 +69,8 @@ def test_an_attempt_that_failed_before_training_does_not_block_its_name(tmp_path
 def test_resumed_run_gives_identical_losses_at_every_step(tmp_path, optimizer):
     """8 steps straight, against 4 steps (interrupted) resumed from last.ckpt to 8: the data
     position, the optimizer state (routed, eigenbases, Schedule-Free's x and y) and the schedule
-    all carry over."""
+    all carry over. Equal to the bit on any CPU kind: both runs compute in this process, with the
+    same kernels and threads."""
     config = optim_config(Path(f"configs/optim/{optimizer}.yaml"), tmp_path)
     common = ("--data.num_workers", "2", "--trainer.val_check_interval", "2", "--config", str(config))
     fit(*tiny_args(tmp_path, "full", 8, *common))

@@ -34,7 +34,12 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_ddp_routed_training_matches_one_process_accumulating_the_same_batches(tmp_path):
     """Rank r of 2 reads part r of the stream; one process with 2 DataLoader workers reads the
-    same two parts in turn, so accumulating 2 micro-batches sees the batches of both ranks."""
+    same two parts in turn, so accumulating 2 micro-batches sees the batches of both ranks.
+
+    The gradients are the same sums (see `train_routed`): on each CPU kind (`.ci/as-kind`; bf16
+    on the AVX-512 kinds, float32 on AVX2) the weights came out equal to the bit and the
+    validation losses within 1.1e-7, the ranks' halves of the mean being added in another float32
+    order. rel=1e-5 and rtol=1e-4 leave that order room on any kind."""
     routed = ("--config", "configs/optim/sgd_adalayer_last_norm.yaml")
     run(*tiny_args(tmp_path, "ddp", 4, *routed, *ddp()))
     fit(*tiny_args(tmp_path, "single", 4, *routed, "--data.num_workers", "2",
@@ -59,7 +64,12 @@ def test_fsdp2_training_matches_one_process(tmp_path):
     update size every step (each rank's shard, norms summed in one all-reduce, gives one process's
     ratios; no per-entry quantiles of sharded tensors) and the effective lr every 2 steps (the
     shards gathered to rank 0, every rank taking part: one process's quantiles). Its resume is
-    tested with every sharding scheme in tests/test_preemption.py."""
+    tested with every sharding scheme in tests/test_preemption.py.
+
+    Float32 on every kind, so only the summation order differs; measured on the three kinds
+    (`.ci/as-kind`): the weights use up to 44% of rtol=1e-4, the update sizes differ by 1.1e-6, the
+    effective lrs by 4.3e-5 (eps 1e-8 against small second moments magnifies the order), the
+    validation losses not at all. rel=1e-4 holds them on any kind."""
     every = ("--update_size.every_n_steps", "1", "--eff_lr.every_n_steps", "2")
     printed = run(*tiny_args(tmp_path, "fsdp", 4, *FSDP2, *every))
     assert "route 'all': AdamW on parameter shards: elementwise" in printed
@@ -139,6 +149,9 @@ def test_another_packages_soap_under_fsdp2_is_refused_before_training_naming_the
 
 
 def test_validation_loss_is_the_same_on_one_and_two_processes(tmp_path):
+    """The same weights through the same kernels; two ranks hold 4 and 3 sequences and their
+    token-weighted sums meet in another float32 order than one process's: 1.0e-7 apart on the
+    Xeon and as epyc-avx2, equal as epyc-avx512-bf16 (`.ci/as-kind`). rel=1e-6 on any kind."""
     fit(*tiny_args(tmp_path, "train", 2))
     ckpt = str(tmp_path / "train" / "checkpoints" / "last.ckpt")
     validate = ["validate" if a == "fit" else a for a in tiny_args(tmp_path, "v1", 2)]
@@ -207,6 +220,8 @@ def train_routed(config: Path, rank: int = 0, world_size: int = 1, steps: int = 
 
 
 def test_every_optimizer_gives_the_same_result_under_ddp_as_on_one_process(distributed):
+    """Bit for bit on any CPU kind: every process computes on one thread with the same kernels on
+    the same shapes (`train_routed`), so equal sums round alike, bf16 Newton-Schulz included."""
     for config in OPTIM_CONFIGS:
         single = train_routed(config)
         under_ddp = torch.load(distributed / f"ddp_{config.stem}.pt")

@@ -1,6 +1,10 @@
 """A run stopped at any moment resumes where it was: `kill -9` before the first validation (the
 schedule's last.ckpt), SIGTERM to the whole process group (a checkpoint of the step in progress),
-with and without gradient accumulation, and `kill -9` of both processes of an FSDP2 run."""
+with and without gradient accumulation, and `kill -9` of both processes of an FSDP2 run.
+
+A resumed run is compared with an uninterrupted one made here, on this CPU with this process's
+thread count: the same kernels on the same numbers, so the losses are equal to the bit on any CPU
+kind, in bf16 (AVX-512 BF16, AMX) or float32 (AVX2, where `auto` resolves to 32-true)."""
 
 import os
 import random
@@ -120,7 +124,8 @@ def test_fsdp2_killed_9_mid_run_resumes_every_sharding_scheme_to_the_uninterrupt
     """One route per sharding scheme (tests/test_distributed.py's EVERY_SCHEME: owner, block and
     column statistics, elementwise), both ranks killed at the end of step 4 (their checkpoint of
     step 3 gathered into one file by Lightning), resumed from the command line as a user resumes:
-    the weights and validation loss of the uninterrupted run, to rounding. About 60 s: three
+    the weights and validation loss of the uninterrupted run, to rounding: measured equal to the
+    bit on the three CPU kinds (`.ci/as-kind`), 1e-6 is float32's last bits. About 60 s: three
     2-process launches, since only separate processes can be killed mid-step."""
     config = tmp_path / "every_scheme.yaml"
     config.write_text(EVERY_SCHEME)

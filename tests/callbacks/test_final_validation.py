@@ -7,6 +7,8 @@ from lm_opt.cli import LMOptCLI
 
 
 def test_a_run_the_interval_does_not_divide_validates_its_last_step(tmp_path):
+    """The check scores last.ckpt's weights on the same data with the same kernels as the run's
+    own final validation, on any CPU kind the same computation: rel=1e-6 is float32's last bits."""
     fit(*tiny_args(tmp_path, "run", 6, "--trainer.val_check_interval", "4"))
     run = tmp_path / "run"
     s = summary(run)

@@ -20,6 +20,19 @@ def weights(run_dir) -> dict[str, np.ndarray]:
 
 
 def test_logged_update_sizes_equal_the_weights_difference_of_runs_one_step_apart(tmp_path):
+    """Run `three` logs step 3's update; run `two` stops where step 3 starts. Both runs compute their
+    first two steps with the same kernels on one thread, so `three`'s weights before step 3 are
+    `two`'s last ones bit for bit on any CPU kind, bf16 or not: what is compared is the callback's
+    arithmetic, never two runs' bf16 rounding.
+
+    The reference norms are taken in float64. A float32 `np.linalg.norm` is OpenBLAS's float32 dot,
+    whose error on the 1M squares of `lm_head.weight`'s step depends on the kernel OpenBLAS picks
+    for the CPU: 0.9e-5 to 1.6e-5 low with its AVX-512 kernel over seeds 0 to 4, 3.2e-5 to 4.9e-5
+    with its AVX2 one (`OPENBLAS_CORETYPE=Haswell`, an EPYC without AVX-512), against the 1e-5 this
+    test allowed. The callback's float32 norms come from torch's cascade sum, 7e-8 off the float64
+    sum of squares with ATen's AVX-512, AVX2 and scalar kernels alike; with the square root, the
+    division and TensorBoard's float32, a logged ratio is within 3e-7 of the exact one: rel=1e-6 on
+    every kind. The quantiles of |delta| pick entries of the same float32 differences: exact."""
     fit(*tiny_args(tmp_path, "two", 2, *SGD, "--trainer.val_check_interval", "4"))
     # update_size follows eff_lr's schedule: every optimizer step here, once per step of 2 micro-batches.
     fit(*tiny_args(tmp_path, "three", 3, *SGD, "--trainer.val_check_interval", "6", "--eff_lr.every_n_steps", "1"))
@@ -27,20 +40,17 @@ def test_logged_update_sizes_equal_the_weights_difference_of_runs_one_step_apart
     ratios = []
     for name in before:
         logged = scalars(run, f"update/{name}/rel_norm")
-        if not logged:
-            assert name == "lm_head.weight", name  # tied to wte.weight: one parameter, logged once
-            continue
         assert list(logged) == [0, 1, 2], name
-        delta = after[name] - before[name]
-        ratios.append(np.linalg.norm(delta) / np.linalg.norm(before[name]))
-        assert logged[2] == pytest.approx(ratios[-1], rel=1e-5), name
+        delta = after[name] - before[name]  # the float32 difference the callback takes
+        ratios.append(np.linalg.norm(delta.astype(np.float64)) / np.linalg.norm(before[name].astype(np.float64)))
+        assert logged[2] == pytest.approx(ratios[-1], rel=1e-6), name
         expected = np.quantile(np.abs(delta), QUANTILES, method="nearest")
         for q, value in zip(QUANTILES, expected):
             assert scalars(run, f"update/{name}/q{round(q * 100)}")[2] == pytest.approx(value, rel=1e-6), (name, q)
     assert len(ratios) > 10
     expected = np.quantile(ratios, QUANTILES, method="nearest")
     for q, value in zip(QUANTILES, expected):
-        assert scalars(run, f"update_rel_norm/q{round(q * 100)}")[2] == pytest.approx(value, rel=1e-5), q
+        assert scalars(run, f"update_rel_norm/q{round(q * 100)}")[2] == pytest.approx(value, rel=1e-6), q
 
 
 def test_relative_norms_of_tensors_including_an_all_zero_one():

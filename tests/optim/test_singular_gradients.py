@@ -187,11 +187,17 @@ OFFICIAL_SOAP_LOSSES = [6.02917, 6.12583, 5.82331, 5.89848, 5.96378, 5.82123,
 
 
 def test_soap_follows_official_soap_with_absent_embedding_rows():
-    """Here the losses agree to 1e-5. The tolerance admits another LAPACK's basis of the null
-    space (see :func:`one_thread`): with 2 threads MKL's moves these losses by up to 0.015."""
+    """Where the official losses were recorded, lm_opt's agree to 1e-5; the two SOAPs run side by
+    side on one CPU agree to 1e-6 whatever MKL's code path and threads. The recorded losses are one
+    LAPACK's, though: from step 3 Adam runs in the eigenbasis of singular statistics, and the basis
+    of their null space (the absent rows) is whatever basis the LAPACK returns (see
+    :func:`one_thread`). Other paths move these losses by up to 0.030 (Xeon with AMX: 0.018 on 1
+    thread, 0.024 on 2; MKL held to AVX2, as `.ci/as-kind` holds it for an EPYC: 0.029, 0.030; AVX
+    and SSE4.2: 0.027). abs=0.04 admits every kind's basis; lr 2e-3 or 4.5e-3 in place of 3e-3
+    moves them by 0.05."""
     losses, model = gpt_losses(lambda ps: SOAP(ps, lr=3e-3), len(OFFICIAL_SOAP_LOSSES))
     assert all(p.isfinite().all() for p in model.parameters())
-    assert losses == pytest.approx(OFFICIAL_SOAP_LOSSES, abs=0.02)
+    assert losses == pytest.approx(OFFICIAL_SOAP_LOSSES, abs=0.04)
     assert losses[:2] == pytest.approx(OFFICIAL_SOAP_LOSSES[:2], abs=1e-5)  # before any update
 
 

@@ -530,6 +530,8 @@ def test_recheck_needs_threads_for_a_cpu_record_without_them_before_anything_run
 
 @pytest.mark.slow
 def test_recheck_reruns_recorded_points_and_flags_one_that_does_not_match(micro, tmp_path, capsys, monkeypatch):
+    """A point micro recorded here reruns to +0.0000 on any CPU kind (same kernels, same threads);
+    a record 0.05 off is flagged beyond recheck's 0.02."""
     out = tmp_path / "copy"
     shutil.copytree(micro["out"], out)
     rerun = recheck.rerun
@@ -575,7 +577,8 @@ def test_rerun_of_a_finished_sweep_launches_nothing(micro, no_launch, capsys):
 @pytest.mark.slow
 def test_a_point_another_sweep_ran_is_copied_and_reruns_to_its_record(micro, tmp_path, monkeypatch, capsys):
     """micro ran adamw at lr 1e-2 in `out`; a sibling sweep with lrs 1e-2 and
-    3e-3 copies the first, runs only the second, and the copy reruns (its own command) to the record."""
+    3e-3 copies the first, runs only the second, and the copy reruns (its own command) to the record:
+    to the bit on any CPU kind, the record having been made here, with the threads the rerun takes."""
     spec = yaml.safe_load(micro["spec"].read_text())
     spec.update(name="sibling", out_dir=str(micro["out"].parent / "sibling"),
                 optimizers={"adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [1e-2, 3e-3]}}})
