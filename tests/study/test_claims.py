@@ -81,7 +81,7 @@ def test_two_sweeps_started_at_once_run_each_point_once(tmp_path, embedded_corpu
     spec = write_spec(tmp_path, optimizers={
         "adamw": {"config": "configs/optim/adamw.yaml", "grid": {"lr": [1e-2]}},
         "signum": {"config": "configs/optim/signum.yaml", "grid": {"lr": [1e-3]}}},
-        overrides={**TINY, "trainer.max_steps": 4, "trainer.val_check_interval": 4})
+        overrides={**TINY, "trainer.max_steps": 2, "trainer.val_check_interval": 2})
     names = [p.name for p in sweep_plan.plan(sweep_plan.load_spec(spec))]
     procs = [subprocess.Popen([sys.executable, "-m", "lm_opt", "sweep", str(spec)], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
@@ -91,6 +91,6 @@ def test_two_sweeps_started_at_once_run_each_point_once(tmp_path, embedded_corpu
     for name in names:
         assert sum(f"start {name}" in line for o in outs for line in o.splitlines()) == 1, outs
         assert len(list((out / name).glob("events.out.tfevents.*"))) == 1
-        assert json.loads((out / name / "summary.json").read_text())["steps"] == 4
+        assert json.loads((out / name / "summary.json").read_text())["steps"] == 2
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted(r["point"] for r in rows) == sorted(names)
