@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lm_opt.precision import Choice
 from lm_opt.study import card, card_plan, card_write, sweep
 from lm_opt.study.card_plan import Protocol, extension, lr_value
 
@@ -211,6 +212,8 @@ def test_same_kind_committed_records_are_read_instead_of_rerun(tmp_path, fake_ru
                                                     "values": {"lr": 5.62e-3}, "command": []}))
     monkeypatch.setattr(card, "COMMITTED", committed)
     monkeypatch.setattr(card, "cpu_arithmetic", lambda: EPYC)
+    # `auto` as the EPYC resolves it, whatever this machine's bf16 (32-true on an AVX2-only CPU)
+    monkeypatch.setattr(card, "resolve", lambda requested, accelerator: Choice("bf16-mixed", "auto: native bf16"))
     card.run_card("configs/optim/adamw.yaml", "mine", tmp_path / "cards", protocol=Protocol(half_width=1, beta1=[0.9]))
     assert not [n for n in fake_runs if n.startswith("adamw")]
     text = (tmp_path / "cards" / "mine" / "card.md").read_text()
