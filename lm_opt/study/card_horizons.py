@@ -35,8 +35,9 @@ def ladder_overrides(ladder_spec: str) -> dict:
     return load_spec(ladder_spec)["overrides"]
 
 
-def horizon_points(card, steps: int, center: float, ks: list[int]) -> list[Point]:
-    """The card's lr grid at `steps`, in `horizons/` of its folder, labelled `<name>_steps<N>`."""
+def horizon_points(card, steps: int, center: float, ks: list[int], overrides: dict) -> list[Point]:
+    """The card's lr grid at `steps`, in `horizons/` of its folder, labelled `<name>_steps<N>`, with
+    the ladder's `overrides` (`ladder_overrides`)."""
     from lm_opt.study.card import spec_of
 
     values = [lr_value(center, k) for k in ks]
@@ -44,7 +45,7 @@ def horizon_points(card, steps: int, center: float, ks: list[int]) -> list[Point
     own = {f"optimizer.init_args.{key}": steps for key in card.length_keys}
     spec = spec_of(card.name, card.dir / "horizons", card.protocol, f"{card.name}_steps{steps}", card.config,
                    {"lr": values}, {"trainer.max_steps": steps, **own})
-    spec.update(overrides=dict(ladder_overrides(card.protocol.ladder_spec)), scales_length=True)
+    spec.update(overrides=dict(overrides), scales_length=True)
     return plan(spec)
 
 
@@ -54,8 +55,9 @@ def run_horizons(card) -> list[dict]:
 
     center, half_width, out = card.center, card.protocol.half_width, []
     seeds = [*card.protocol.grid_seeds, *card.protocol.best_seeds]
+    overrides = ladder_overrides(card.protocol.ladder_spec)  # read once, not at every growth round
     for steps in card.horizons:
-        grid, _ = card.grow(lambda ks, steps=steps, center=center: horizon_points(card, steps, center, ks),
+        grid, _ = card.grow(lambda ks, steps=steps, center=center: horizon_points(card, steps, center, ks, overrides),
                             list(range(-half_width, half_width + 1)), center, f"{card.name}_horizons")
         best = next((p for p in grid if p.name == best_name(grid)), None)
         if best is None:

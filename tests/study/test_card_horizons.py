@@ -97,9 +97,9 @@ def test_length_keys_take_each_lengths_steps(tmp_path):
     """AdEMAMix warms alpha and beta3 over `t_alpha_beta3` steps: at each length, over its own."""
     mine = card.new_card("configs/cards/ademamix.yaml", "ademamix", tmp_path, 1, horizons=[800],
                          length_keys=["t_alpha_beta3"])
-    from lm_opt.study.card_horizons import horizon_points
+    from lm_opt.study.card_horizons import horizon_points, ladder_overrides
 
-    point = horizon_points(mine, 800, 3.16e-3, [0])[0]
+    point = horizon_points(mine, 800, 3.16e-3, [0], ladder_overrides(mine.protocol.ladder_spec))[0]
     args = point.optimizer_yaml["trainer"]["callbacks"][0]["init_args"]["optimizer"]["init_args"]
     assert (args["t_alpha_beta3"], args["lr"], point.name) == (800, 3.16e-3, "ademamix_steps800_lr3.16e-03")
 
